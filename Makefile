@@ -1,0 +1,43 @@
+# The two commands: `make serve` and `make test`. Everything else is a step of those.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO   := iris_classifier binary_classifier diabetes_regressor wine_clusters
+SYSTEM_PACKAGES := redis-server wrk nginx
+
+.PHONY: install models serve test system-deps bench clean
+
+install: $(STAMP)
+
+# meinheld pins greenlet<0.5, which does not build on Python 3.11; its C
+# server needs no greenlet, so it goes in without its dependencies.
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps meinheld==1.0.2
+	$(BIN)/python -c "import meinheld.server"
+	touch $@
+
+models: install
+	@for m in $(DEMO); do test -f models/$$m/1/metadata.json || missing=1; done; \
+	if [ -n "$$missing" ]; then $(BIN)/mlserve models demo; fi
+
+serve: install models
+	exec $(BIN)/gunicorn -c gunicorn.conf.py
+
+system-deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+test: install system-deps models
+	$(BIN)/python -m pytest
+
+bench: install system-deps models
+	$(BIN)/python perf/run.py
+
+clean:
+	rm -rf $(VENV) *.egg-info

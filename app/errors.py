@@ -1,0 +1,57 @@
+"""Errors named as facts. Each carries the HTTP status and a stable code;
+app/api.py is the one place that turns them into responses."""
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, **details):
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class InvalidJSON(ServingError):
+    status, code = 400, "invalid_json"
+
+
+class MissingField(ServingError):
+    status, code = 400, "missing_field"
+
+
+class InvalidField(ServingError):
+    status, code = 422, "invalid_field"
+
+
+class InvalidFeatures(ServingError):
+    status, code = 422, "invalid_features"
+
+
+class BodyTooLarge(ServingError):
+    status, code = 413, "body_too_large"
+
+
+class BatchTooLarge(ServingError):
+    status, code = 413, "batch_too_large"
+
+
+class ModelNotFound(ServingError):
+    status, code = 404, "model_not_found"
+
+
+class VersionNotFound(ServingError):
+    status, code = 404, "version_not_found"
+
+
+class ModelNotReady(ServingError):
+    status, code = 503, "model_not_ready"
+
+
+class RateLimited(ServingError):
+    status, code = 429, "rate_limited"
+
+
+class InvalidModel(Exception):
+    """An artifact that must not go live (bad checksum, fails to load or verify)."""

@@ -1,0 +1,75 @@
+"""Request features -> the float32 matrix a model sees, or InvalidFeatures
+saying exactly what is wrong and what the model expects."""
+from __future__ import annotations
+
+from itertools import chain
+
+import numpy as np
+
+from app.errors import BatchTooLarge, InvalidFeatures, InvalidField
+from app.loader import LoadedModel
+
+# bool is a subclass of int but true/false are not measurements: refused.
+is_number = frozenset((int, float)).__contains__
+
+
+def single(model: LoadedModel, features) -> np.ndarray:
+    """One row as a (1, n_features) float32 matrix."""
+    row = as_list(model, features, "features")
+    return finite(np.array(row, dtype=np.float32).reshape(1, -1), "features")
+
+
+def batch(model: LoadedModel, rows, max_rows: int) -> np.ndarray:
+    """Many rows as an (n, n_features) float32 matrix."""
+    if type(rows) is not list:
+        raise InvalidField("features_batch must be a list of rows")
+    if not rows:
+        raise InvalidField("features_batch is empty")
+    if len(rows) > max_rows:
+        raise BatchTooLarge(f"features_batch has {len(rows)} rows; at most {max_rows} are accepted")
+    n = model.n_features
+    if not all(type(r) is list and len(r) == n for r in rows) or not all(map(is_number, map(type, chain.from_iterable(rows)))):
+        rows = [as_list(model, r, f"features_batch[{i}]") for i, r in enumerate(rows)]
+    return finite(np.array(rows, dtype=np.float32), "features_batch")
+
+
+def as_list(model: LoadedModel, features, where: str) -> list:
+    if type(features) is dict:
+        features = from_mapping(model, features, where)
+    elif type(features) is not list:
+        raise InvalidFeatures(f"{where} must be a list of {model.n_features} numbers or an object "
+                              f"keyed by feature name", expected=model.feature_names)
+    if len(features) != model.n_features:
+        raise InvalidFeatures(f"{where} has {len(features)} values; {model.name} expects "
+                              f"{model.n_features}: {', '.join(model.feature_names)}",
+                              expected=model.feature_names)
+    if not all(map(is_number, map(type, features))):
+        i = next(i for i, v in enumerate(features) if not is_number(type(v)))
+        raise InvalidFeatures(f"{where}[{i}] ({model.feature_names[i]}) must be a number, "
+                              f"got {type_name(features[i])}", expected=model.feature_names)
+    return features
+
+
+def from_mapping(model: LoadedModel, features: dict, where: str) -> list:
+    unknown = [k for k in features if k not in model.feature_index]
+    missing = [k for k in model.feature_names if k not in features]
+    if unknown or missing:
+        parts = ([f"unknown feature(s) {', '.join(map(repr, unknown[:10]))}"] if unknown else []) + \
+                ([f"missing {', '.join(map(repr, missing[:10]))}"] if missing else [])
+        raise InvalidFeatures(f"{where}: {'; '.join(parts)}; {model.name} expects "
+                              f"{', '.join(model.feature_names)}", expected=model.feature_names)
+    return [features[k] for k in model.feature_names]
+
+
+def finite(X: np.ndarray, where: str) -> np.ndarray:
+    # PERF: one vectorised check; catches NaN, +-Infinity and values beyond float32 range.
+    if not np.isfinite(X).all():
+        row, col = np.argwhere(~np.isfinite(X))[0]
+        at = f"[{col}]" if X.shape[0] == 1 and where == "features" else f"[{row}][{col}]"
+        raise InvalidFeatures(f"{where}{at} is not a finite number within float32 range")
+    return X
+
+
+def type_name(value) -> str:
+    return {bool: "a boolean", str: "a string", type(None): "null", list: "a list", dict: "an object"}.get(
+        type(value), type(value).__name__)

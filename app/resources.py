@@ -1,0 +1,129 @@
+"""REST resources: thin wrappers that read the body, call the core, write JSON."""
+from __future__ import annotations
+
+import json
+import time
+
+import falcon
+import orjson
+
+from app.errors import BodyTooLarge, InvalidJSON, ModelNotFound
+from app.inference import Predictor, utc_now
+from app.metrics import Metrics
+from app.registry import Registry
+
+JSON = "application/json"
+DUMP_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+
+
+def read_json(req: falcon.Request, limit: int) -> dict:
+    length = req.content_length
+    if length is not None and length > limit:
+        raise BodyTooLarge(f"request body is {length} bytes; the limit is {limit}")
+    raw = req.bounded_stream.read(limit + 1)
+    if len(raw) > limit:
+        raise BodyTooLarge(f"request body is over the limit of {limit} bytes")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        body = lenient_json(raw, exc)
+    if type(body) is not dict:
+        raise InvalidJSON("the request body must be a JSON object")
+    return body
+
+
+def lenient_json(raw: bytes, strict_error: Exception):
+    """NaN and Infinity are not JSON, but a client that sends them has a bad
+    feature value, not a broken body: parse them so validation can say 422."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        if not raw.strip():
+            raise InvalidJSON("the request body is empty; expected a JSON object") from None
+        raise InvalidJSON(f"the request body is not valid JSON: {strict_error}") from None
+
+
+def send(resp: falcon.Response, body, status: int = 200) -> None:
+    resp.status = status
+    resp.content_type = JSON
+    resp.data = orjson.dumps(body, option=DUMP_OPTIONS)
+
+
+class Predict:
+    endpoint = "predict"
+
+    def __init__(self, predictor: Predictor, max_body_bytes: int):
+        self.predictor = predictor
+        self.limit = max_body_bytes
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        started = req.context.started
+        model, result = self.predictor.predict(read_json(req, self.limit), started)
+        req.context.model = model
+        send(resp, result)
+
+
+class BatchPredict(Predict):
+    endpoint = "batch_predict"
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        started = req.context.started
+        model, result = self.predictor.batch_predict(read_json(req, self.limit), started)
+        req.context.model = model
+        send(resp, result)
+
+
+class Models:
+    endpoint = "models"
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        send(resp, {"models": [self.registry.describe(name) for name in sorted(self.registry.loaded)]})
+
+
+class Model(Models):
+    endpoint = "model"
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
+        if name not in self.registry.loaded:
+            raise ModelNotFound(f"no model named {name[:80]!r}", available=sorted(self.registry.loaded))
+        send(resp, self.registry.describe(name))
+
+
+class Health:
+    endpoint = "health"
+
+    def __init__(self, registry: Registry, started: float):
+        self.registry = registry
+        self.started = started
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        send(resp, {"status": "healthy", "uptime_seconds": round(time.time() - self.started, 3),
+                    "timestamp": utc_now(), "models_serving": len(self.registry.serving)})
+
+
+class Ready:
+    endpoint = "ready"
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        missing = self.registry.not_ready()
+        if missing:
+            send(resp, {"status": "not_ready", "not_ready": missing}, status=503)
+        else:
+            send(resp, {"status": "ready", "models": sorted(self.registry.serving)})
+
+
+class MetricsText:
+    endpoint = "metrics"
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = self.metrics.content_type
+        resp.data = self.metrics.render()

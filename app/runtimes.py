@@ -1,0 +1,121 @@
+"""Runtimes: the two ways a model is executed, behind one call, run(X) -> Outputs.
+
+ONNX Runtime is the fast path; scikit-learn is the fallback for models whose
+conversion is missing or not verified equivalent.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import onnxruntime as ort
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """labels: (n,) class labels, regression values or cluster ids.
+    probabilities: (n, n_classes) in the order of the model's classes, or None."""
+    labels: np.ndarray
+    probabilities: np.ndarray | None
+
+
+class Runtime(Protocol):
+    name: str
+
+    def run(self, X: np.ndarray) -> Outputs: ...
+
+
+def session_options() -> ort.SessionOptions:
+    # The workers are the parallelism: one thread, no spinning, so a worker
+    # never burns a second core waiting for work.
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return options
+
+
+class OnnxRuntime:
+    """An ORT session. Classifier graphs from skl2onnx have outputs (label,
+    probabilities); others are read by the task: one output holds the values,
+    the class scores (argmax gives the label) or cluster labels."""
+    name = "onnx"
+
+    def __init__(self, model: bytes | str, task: str, classes: list | None = None,
+                 outputs: dict | None = None):
+        self.session = ort.InferenceSession(model, session_options(), providers=["CPUExecutionProvider"])
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise ValueError(f"ONNX graph has {len(inputs)} inputs; one 2-D tensor is served")
+        self.input_name = inputs[0].name
+        self.input_dtype = np.float64 if inputs[0].type == "tensor(double)" else np.float32
+        width = inputs[0].shape[-1] if len(inputs[0].shape) == 2 else None
+        self.n_features = width if isinstance(width, int) else None
+        names = [o.name for o in self.session.get_outputs()]
+        outputs = outputs or {}
+        self.label_output = outputs.get("label") or ("label" if "label" in names else None)
+        self.proba_output = outputs.get("probabilities") or ("probabilities" if "probabilities" in names else None)
+        if task == "classification" and self.proba_output is None:
+            self.proba_output = names[0] if self.label_output != names[0] else None
+        if self.label_output is None and self.proba_output is None:
+            self.label_output = names[0]
+        self.classes = np.asarray(classes) if classes is not None else None
+        self.task = task
+        self.fetch = [n for n in (self.label_output, self.proba_output) if n]
+
+    def run(self, X: np.ndarray) -> Outputs:
+        if X.dtype != self.input_dtype:
+            X = X.astype(self.input_dtype)
+        results = self.session.run(self.fetch, {self.input_name: X})
+        labels = results[0] if self.label_output else None
+        proba = results[-1] if self.proba_output and self.task == "classification" else None
+        if labels is None:
+            labels = self.classes[proba.argmax(axis=1)] if self.classes is not None else proba.argmax(axis=1)
+        return Outputs(labels.reshape(len(X)), proba)
+
+
+class SklearnRuntime:
+    """A scikit-learn estimator run natively (slow path)."""
+    name = "sklearn"
+
+    def __init__(self, estimator: Any, task: str):
+        self.estimator = estimator
+        self.task = task
+        self.assigner = ClusterAssigner(estimator) if not hasattr(estimator, "predict") else None
+        self.with_proba = task == "classification" and hasattr(estimator, "predict_proba")
+
+    def run(self, X: np.ndarray) -> Outputs:
+        # Estimators are fitted on float64; some (KMeans) refuse float32 input.
+        X = X.astype(np.float64)
+        if self.assigner is not None:
+            return Outputs(self.assigner.assign(X), None)
+        if self.with_proba:
+            proba = self.estimator.predict_proba(X)
+            return Outputs(self.estimator.classes_[proba.argmax(axis=1)], proba)
+        return Outputs(np.asarray(self.estimator.predict(X)).reshape(len(X)), None)
+
+
+class ClusterAssigner:
+    """Cluster labels for new points from a fitted DBSCAN, which has no predict:
+    the cluster of the nearest core sample when it lies within eps, else -1 (noise).
+    This is how DBSCAN itself treats a border point, applied to unseen data."""
+
+    def __init__(self, dbscan: Any):
+        self.cores = np.asarray(dbscan.components_, dtype=np.float64)
+        self.labels = np.asarray(dbscan.labels_)[dbscan.core_sample_indices_]
+        self.eps = float(dbscan.eps)
+        if getattr(dbscan, "metric", "euclidean") != "euclidean":
+            raise ValueError("only euclidean DBSCAN models can assign new points")
+
+    def assign(self, X: np.ndarray) -> np.ndarray:
+        if len(self.cores) == 0:
+            return np.full(len(X), -1)
+        X = np.asarray(X, dtype=np.float64)
+        d2 = ((X * X).sum(1)[:, None] - 2 * X @ self.cores.T + (self.cores * self.cores).sum(1)[None, :])
+        nearest = d2.argmin(axis=1)
+        within = d2[np.arange(len(X)), nearest] <= self.eps * self.eps + 1e-12
+        return np.where(within, self.labels[nearest], -1)

@@ -1,0 +1,76 @@
+"""Gunicorn settings, all taken from app.settings (config/server.yaml and
+MLSERVE_* environment variables). Run: gunicorn -c gunicorn.conf.py"""
+import gc
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+
+from app import settings as settings_module
+
+try:
+    _settings = settings_module.load()
+except settings_module.SettingError as exc:
+    sys.exit(f"mlserve: bad setting: {exc}")
+
+_server = _settings.server
+
+wsgi_app = "app.wsgi:application"
+bind = [_settings.bind]
+workers = _server.workers
+if _server.worker_class == "meinheld" and importlib.util.find_spec("meinheld"):
+    worker_class = "app.worker.MeinheldWorker"
+else:
+    worker_class = "gthread"
+    threads = _server.threads
+worker_connections = _server.worker_connections
+timeout = _server.timeout
+graceful_timeout = _server.graceful_timeout
+keepalive = _server.keepalive
+max_requests = _server.max_requests
+max_requests_jitter = _server.max_requests_jitter
+pidfile = _server.pid_file or None
+accesslog = "-" if _settings.monitoring.access_log else None
+loglevel = _settings.monitoring.log_level
+# Hot swap and shutdown go through signals; no second control channel.
+control_socket_disable = True
+# Models load once in the master and are shared copy-on-write with the workers.
+preload_app = True
+
+# prometheus_client picks multiprocess mode when it is first imported, so the
+# directory must be in the environment before the app is loaded. Kept across
+# SIGHUP (this file is read again then); wiped once, when the master starts.
+if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = (_settings.monitoring.metrics_dir
+                                              or tempfile.mkdtemp(prefix="mlserve-metrics-"))
+
+
+def on_starting(server):
+    path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path, exist_ok=True)
+
+
+def when_ready(server):
+    # Objects allocated while loading models move to a permanent generation, so
+    # the collector never touches (and copies) their pages in the workers.
+    gc.collect()
+    gc.freeze()
+
+
+def post_worker_init(worker):
+    from app.wsgi import service
+
+    service.on_worker_start()
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if os.environ["PROMETHEUS_MULTIPROC_DIR"].startswith(tempfile.gettempdir() + "/mlserve-metrics-"):
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

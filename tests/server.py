@@ -1,0 +1,94 @@
+"""Start and stop a real server (Gunicorn, as `make serve` runs it) on a free
+port. Used by the integration tests and the benchmarks."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+GUNICORN = Path(sys.executable).with_name("gunicorn")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, models_dir: Path | str, workers: int = 2, env: dict | None = None,
+                 models_config: Path | str | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workdir = Path(tempfile.mkdtemp(prefix="mlserve-test-"))
+        self.log_path = self.workdir / "server.log"
+        self.pid_file = self.workdir / "gunicorn.pid"
+        self.env = {
+            **os.environ,
+            "MLSERVE_BIND": f"127.0.0.1:{self.port}",
+            "MLSERVE_WORKERS": str(workers),
+            "MLSERVE_MODELS_DIR": str(models_dir),
+            "MLSERVE_MODELS_CONFIG": str(models_config or ROOT / "config" / "models.yaml"),
+            "MLSERVE_SERVER_PID_FILE": str(self.pid_file),
+            "MLSERVE_MONITORING_METRICS_DIR": str(self.workdir / "metrics"),
+            **(env or {}),
+        }
+        self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0, ready: bool = True) -> "Server":
+        self.log_file = open(self.log_path, "wb")
+        self.process = subprocess.Popen([str(GUNICORN), "-c", "gunicorn.conf.py"], cwd=ROOT, env=self.env,
+                                        stdout=self.log_file, stderr=subprocess.STDOUT)
+        self.wait_until("/ready" if ready else "/health", timeout)
+        return self
+
+    def wait_until(self, path: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if requests.get(self.url + path, timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"server not answering {path} after {timeout} s:\n{self.log()}")
+
+    @property
+    def master_pid(self) -> int:
+        return self.process.pid
+
+    def worker_pids(self) -> list[int]:
+        children = Path(f"/proc/{self.master_pid}/task/{self.master_pid}/children").read_text().split()
+        return [int(pid) for pid in children]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+        finally:
+            self.log_file.close()
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
