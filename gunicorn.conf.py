@@ -2,12 +2,18 @@
 MLSERVE_* environment variables). Run: gunicorn -c gunicorn.conf.py"""
 import gc
 import importlib.util
+import logging
 import os
 import shutil
 import sys
 import tempfile
 
-from app import settings as settings_module
+# The workers are the parallelism: numeric libraries get one thread each.
+# Set before numpy is imported, so the master forks with no BLAS threads.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+from app import settings as settings_module  # noqa: E402
 
 try:
     _settings = settings_module.load()
@@ -44,12 +50,15 @@ preload_app = True
 if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = (_settings.monitoring.metrics_dir
                                               or tempfile.mkdtemp(prefix="mlserve-metrics-"))
+os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 
 
 def on_starting(server):
+    # Files left by an earlier run would be counted as this run's.
     path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    shutil.rmtree(path, ignore_errors=True)
-    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):
+        if name.endswith(".db"):
+            os.unlink(os.path.join(path, name))
 
 
 def when_ready(server):
@@ -63,6 +72,14 @@ def post_worker_init(worker):
     from app.wsgi import service
 
     service.on_worker_start()
+
+
+def worker_exit(server, worker):
+    # Leave without running C-level exit handlers: ONNX Runtime's destroy a
+    # condition variable last used by a master thread that does not exist in
+    # the forked worker, and would wait on it for ever.
+    logging.shutdown()
+    os._exit(0)
 
 
 def child_exit(server, worker):
