@@ -75,6 +75,9 @@ def post_worker_init(worker):
 
 
 def worker_exit(server, worker):
+    from app.wsgi import service
+
+    service.metrics.flush()
     # Leave without running C-level exit handlers: ONNX Runtime's destroy a
     # condition variable last used by a master thread that does not exist in
     # the forked worker, and would wait on it for ever.

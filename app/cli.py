@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import functools
+import json
+import math
 import os
 import sys
 from pathlib import Path
+from typing import IO, Callable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +35,37 @@ def build_parser() -> argparse.ArgumentParser:
     demo = models.add_parser("demo", help="train the demo models from bundled datasets (those missing)")
     demo.add_argument("--force", action="store_true", help="add a new version even where one exists")
     demo.set_defaults(run=cmd_demo)
+    listing = models.add_parser("list", help="the models a running server has loaded")
+    add_url(listing)
+    listing.set_defaults(run=cmd_models_list)
+    info = models.add_parser("info", help="one model as a running server describes it (JSON)")
+    info.add_argument("name")
+    add_url(info)
+    info.set_defaults(run=cmd_models_info)
+
+    predict = sub.add_parser("predict", help="one prediction from a running server; prints the response JSON")
+    predict.add_argument("model")
+    given = predict.add_mutually_exclusive_group(required=True)
+    given.add_argument("--features", help="comma-separated numbers in the model's feature order, "
+                                          "e.g. 5.1,3.5,1.4,0.2 (write --features=-1,2 when the first is negative)")
+    given.add_argument("--json", dest="features_json", metavar="JSON",
+                       help="the features as JSON: a list, or an object keyed by feature name")
+    predict.add_argument("--version", type=positive_int, help="a loaded version (default: the serving one)")
+    predict.add_argument("--no-cache", dest="use_cache", action="store_false", help="do not answer from the cache")
+    add_url(predict)
+    predict.set_defaults(run=cmd_predict)
+
+    batch = sub.add_parser("batch", help="predict every row of a CSV through a running server; "
+                                         "writes the rows with prediction (and p_<class>) columns")
+    batch.add_argument("model")
+    batch.add_argument("input", type=Path, help="CSV of feature rows")
+    batch.add_argument("output", type=Path, help="CSV to write (replaced only once every row is predicted)")
+    batch.add_argument("--chunk-size", type=positive_int, default=500, help="rows per request (default 500)")
+    batch.add_argument("--no-header", dest="header", action="store_false",
+                       help="the input has no header row: columns are the model's features, in its order")
+    batch.add_argument("--version", type=positive_int, help="a loaded version (default: the serving one)")
+    add_url(batch)
+    batch.set_defaults(run=cmd_batch)
 
     train = sub.add_parser("train", help="train a model from a CSV and add it to the repository")
     train.add_argument("csv", type=Path)
@@ -74,6 +110,272 @@ def cmd_train(args) -> int:
     print(report)
     print(f"saved {mv.name} v{mv.version} ({mv.metadata['serving_runtime']}) to {mv.path}")
     return 0
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def add_url(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help="the server (default: http://HOST:PORT of server.host and server.port "
+                                      "in the settings, http://127.0.0.1:8080 unless changed)")
+
+
+def default_url() -> str:
+    """Where `mlserve serve` listens with the current settings."""
+    from app import settings
+
+    s = settings.load()
+    host, port = s.server.host, s.server.port
+    # A wildcard bind is reached through loopback; IPv6 literals need brackets in a URL.
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{s.bind}"
+
+
+def fail(message: str, status: int = 1) -> int:
+    print(f"mlserve: {message}", file=sys.stderr)
+    return status
+
+
+def remote(cmd: Callable) -> Callable:
+    """A command that talks to a running server: it gets a client, and every client
+    error becomes one line on stderr and exit status 1."""
+
+    @functools.wraps(cmd)
+    def run(args) -> int:
+        from app.client import MLClient, MLServeError
+        from app.settings import SettingError
+
+        try:
+            url = args.url or default_url()
+        except SettingError as exc:
+            return fail(f"bad setting: {exc}")
+        try:
+            client = MLClient(url)
+        except ValueError as exc:
+            return fail(f"--url: {exc}", 2)
+        try:
+            with client:
+                return cmd(args, client)
+        except MLServeError as exc:
+            return fail(f"{exc.code}: {exc.message}")
+
+    return run
+
+
+@remote
+def cmd_models_list(args, client) -> int:
+    rows = [("NAME", "SERVING", "VERSIONS", "TASK", "RUNTIME")]
+    for m in client.list_models():
+        serving = m.get("serving_version")
+        rows.append((m["name"], "-" if serving is None else str(serving),
+                     ",".join(map(str, m.get("versions") or [])) or "-",
+                     m.get("task") or "-", m.get("runtime") or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
+@remote
+def cmd_models_info(args, client) -> int:
+    print(json.dumps(client.get_model_info(args.name), indent=2))
+    return 0
+
+
+@remote
+def cmd_predict(args, client) -> int:
+    if args.features_json is not None:
+        try:
+            features = json.loads(args.features_json)
+        except json.JSONDecodeError as exc:
+            return fail(f"--json: not valid JSON ({exc})", 2)
+    else:
+        try:
+            features = [float(v) for v in args.features.split(",")]
+        except ValueError:
+            return fail(f"--features: expected comma-separated numbers, got {args.features!r}", 2)
+    result = client.predict(args.model, features, use_cache=args.use_cache, version=args.version)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+class BadInput(Exception):
+    """The input CSV cannot be sent as it is; the message names the line and column."""
+
+
+@remote
+def cmd_batch(args, client) -> int:
+    info = client.get_model_info(args.model)
+    if "features" not in info:
+        return fail(f"model_not_ready: {args.model} is loaded but not serving ({info.get('status')})")
+    version = args.version or info["version"]
+    partial = args.output.with_name(args.output.name + ".part")
+    try:
+        total = count_rows(args.input, args.header)
+        with open(args.input, newline="") as source, open(partial, "w", newline="") as target:
+            done = predict_csv(client, args, info, version, source, target, total)
+        os.replace(partial, args.output)
+    except (OSError, BadInput) as exc:
+        return fail(describe_input_error(exc))
+    finally:
+        partial.unlink(missing_ok=True)
+    print(f"wrote {done} predictions to {args.output} ({args.model} v{version})")
+    return 0
+
+
+def predict_csv(client, args, info: dict, version: int, source: IO[str], target: IO[str], total: int) -> int:
+    """Stream source to target chunk by chunk; one model version answers every chunk,
+    so a model swapped on the server mid-run cannot mix two models in one file."""
+    features = info["features"]
+    reader = csv.reader(source)
+    writer = csv.writer(target)
+    header, columns = read_header(reader, features, args.input) if args.header else (list(features), None)
+    # Class columns are known from the first answer (a classifier may lack probabilities).
+    classes: list | None = None
+    wrote_header = False
+    progress = Progress(total, sys.stderr)
+    done = 0
+    for chunk in chunks(rows_of(reader, columns, len(features), args.input), args.chunk_size):
+        first, last = done + 1, done + len(chunk)
+        try:
+            result = client.batch_predict(args.model, [x for _, x in chunk], version=version)
+        except Exception as exc:
+            progress.close()
+            add_rows_to_message(exc, first, last)
+            raise
+        if not wrote_header:
+            classes = result["classes"] if result.get("probabilities") is not None else None
+            writer.writerow(header + ["prediction"] + [f"p_{c}" for c in classes or []])
+            wrote_header = True
+        probabilities = result.get("probabilities") if classes is not None else None
+        for i, (raw, _) in enumerate(chunk):
+            writer.writerow(raw + [result["predictions"][i]] + (probabilities[i] if probabilities else []))
+        done = last
+        progress.update(done)
+    progress.close()
+    if not wrote_header:
+        with_classes = info.get("task") == "classification" and info.get("classes")
+        writer.writerow(header + ["prediction"] + [f"p_{c}" for c in info.get("classes") or [] if with_classes])
+    return done
+
+
+def add_rows_to_message(exc: Exception, first: int, last: int) -> None:
+    from app.client import MLServeError
+
+    # The server numbers rows within one request; say which rows of the file they were.
+    if isinstance(exc, MLServeError) and exc.status is not None:
+        exc.message = f"{exc.message} (in data rows {first}-{last} of the input)"
+
+
+def read_header(reader, features: list[str], path: Path) -> tuple[list[str], list[int]]:
+    header = next(reader, None)
+    if header is None:
+        raise BadInput(f"{path}: empty file; expected a header row naming the features")
+    names = [h.strip() for h in header]
+    found = {}
+    for i, name in enumerate(names):
+        if name in features and name in found:
+            raise BadInput(f"{path}: column {name!r} appears twice in the header")
+        found.setdefault(name, i)
+    missing = [f for f in features if f not in found]
+    if missing:
+        hint = ("; the first row looks like data: use --no-header"
+                if all(is_number(h) for h in names) else "")
+        raise BadInput(f"{path}: no column for {', '.join(missing)}; the model expects "
+                       f"{', '.join(features)}{hint}")
+    return header, [found[f] for f in features]
+
+
+def rows_of(reader, columns: list[int] | None, n_features: int, path: Path):
+    """(raw cells, feature values in the model's order) for each non-blank row."""
+    names = None
+    for raw in reader:
+        if not raw or not any(cell.strip() for cell in raw):
+            continue
+        if columns is None:
+            if len(raw) != n_features:
+                raise BadInput(f"{path} line {reader.line_num}: {len(raw)} values; the model expects {n_features}")
+            cells = raw
+        else:
+            if len(raw) <= max(columns):
+                raise BadInput(f"{path} line {reader.line_num}: {len(raw)} values; the header has more columns")
+            cells = [raw[i] for i in columns]
+        values = []
+        for j, cell in enumerate(cells):
+            try:
+                value = float(cell)
+            except ValueError:
+                value = math.nan
+            if not math.isfinite(value):
+                names = names or list(range(n_features))
+                where = f"column {columns[j] + 1}" if columns is not None else f"value {j + 1}"
+                raise BadInput(f"{path} line {reader.line_num}, {where}: {cell!r} is not a finite number")
+            values.append(value)
+        yield raw, values
+
+
+def chunks(items, size: int):
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def count_rows(path: Path, header: bool) -> int:
+    with open(path, newline="") as f:
+        rows = sum(1 for row in csv.reader(f) if row and any(cell.strip() for cell in row))
+    return max(0, rows - 1) if header else rows
+
+
+def is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def describe_input_error(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return str(exc)
+
+
+class Progress:
+    """A one-line progress bar, drawn only when the stream is a terminal."""
+
+    def __init__(self, total: int, stream: IO[str], width: int = 30):
+        self.total = total
+        self.stream = stream
+        self.width = width
+        self.shown = stream.isatty()
+        self.closed = False
+
+    def update(self, done: int) -> None:
+        if not self.shown:
+            return
+        fraction = done / self.total if self.total else 1.0
+        filled = int(self.width * min(fraction, 1.0))
+        bar = "#" * filled + "." * (self.width - filled)
+        self.stream.write(f"\r[{bar}] {done}/{self.total} rows ({fraction:.0%})")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.shown and not self.closed:
+            self.stream.write("\n")
+            self.stream.flush()
+        self.closed = True
 
 
 if __name__ == "__main__":

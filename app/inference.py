@@ -3,7 +3,6 @@ response body out. The REST resources are thin wrappers around this."""
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 
 from app import features
 from app.errors import InvalidField, MissingField
@@ -70,5 +69,14 @@ class Predictor:
         }
 
 
+_second = [-1, ""]
+
+
 def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """ISO 8601 UTC with microseconds, e.g. 2026-01-02T03:04:05.123456Z."""
+    # PERF: the date part changes once a second; format it once a second.
+    now = time.time()
+    second = int(now)
+    if second != _second[0]:
+        _second[:] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{_second[1]}.{int((now - second) * 1e6):06d}Z"

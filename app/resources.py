@@ -18,11 +18,14 @@ DUMP_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 
 def read_json(req: falcon.Request, limit: int) -> dict:
     length = req.content_length
-    if length is not None and length > limit:
+    if length is None:  # chunked: read no more than the limit allows
+        raw = req.bounded_stream.read(limit + 1)
+        if len(raw) > limit:
+            raise BodyTooLarge(f"request body is over the limit of {limit} bytes")
+    elif length > limit:
         raise BodyTooLarge(f"request body is {length} bytes; the limit is {limit}")
-    raw = req.bounded_stream.read(limit + 1)
-    if len(raw) > limit:
-        raise BodyTooLarge(f"request body is over the limit of {limit} bytes")
+    else:
+        raw = req.stream.read(length)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

@@ -36,6 +36,7 @@ class Service:
 
     def on_worker_start(self) -> None:
         self.metrics.set_serving(self.registry.serving)
+        self.metrics.start_flushing()
 
 
 def configure_logging(level: str) -> None:

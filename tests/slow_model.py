@@ -1,0 +1,35 @@
+"""A deliberately slow regressor, importable by the server under test, for
+shutdown and timeout tests. predict() sleeps for the first feature's value in
+seconds (0 or less: no sleep) and returns the second feature."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import joblib
+import numpy as np
+
+from app.repository import sha256_of
+
+
+class SlowRegressor:
+    n_features_in_ = 2
+
+    def predict(self, X):
+        X = np.asarray(X)
+        if X[0, 0] > 0:
+            time.sleep(float(X[0, 0]))
+        return X[:, 1].copy()
+
+
+def publish(root: Path, name: str = "slow_model") -> Path:
+    folder = root / name / "1"
+    folder.mkdir(parents=True)
+    joblib.dump(SlowRegressor(), folder / "model.joblib")
+    (folder / "metadata.json").write_text(json.dumps({
+        "task": "regression", "feature_names": ["sleep_seconds", "value"],
+        "artifact": "model.joblib", "sha256": sha256_of(folder / "model.joblib"),
+        "runtime_reason": "test model; no ONNX conversion",
+    }))
+    return folder
