@@ -8,7 +8,9 @@ import time
 import falcon
 import orjson
 
-from app import resources
+from app import admin, resources
+from app.cache import PredictionCache
+from app.control import ControlChannel
 from app.errors import ServingError
 from app.inference import Predictor
 from app.metrics import Metrics
@@ -35,7 +37,8 @@ class RequestMetrics:
                              time.perf_counter() - req.context.started)
 
 
-def create_app(settings: Settings, registry: Registry, metrics: Metrics, started: float | None = None) -> falcon.App:
+def create_app(settings: Settings, registry: Registry, metrics: Metrics, started: float | None = None, *,
+               cache: PredictionCache | None = None, control: ControlChannel | None = None) -> falcon.App:
     middleware: list = [RequestMetrics(metrics)]
     if settings.server.cors_origins:
         origins = settings.server.cors_origins
@@ -46,7 +49,8 @@ def create_app(settings: Settings, registry: Registry, metrics: Metrics, started
         middleware.append(RateLimit(limits.requests_per_second, limits.burst, settings.redis.url))
     app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
-    predictor = Predictor(registry, settings.server.max_batch_rows)
+    predictor = Predictor(registry, settings.server.max_batch_rows, cache)
+    control = control or ControlChannel("")
     limit = settings.server.max_body_bytes
     app.add_route("/api/v1/predict", resources.Predict(predictor, limit))
     app.add_route("/api/v1/batch_predict", resources.BatchPredict(predictor, limit))
@@ -54,6 +58,8 @@ def create_app(settings: Settings, registry: Registry, metrics: Metrics, started
     app.add_route("/api/v1/models/{name}", resources.Model(registry))
     app.add_route("/health", resources.Health(registry, started or time.time()))
     app.add_route("/ready", resources.Ready(registry))
+    auth = admin.AdminAuth(settings.server.admin_token)
+    app.add_route("/api/v1/admin/cache/invalidate", admin.CacheInvalidate(auth, registry, cache, control, limit))
     if settings.monitoring.prometheus_enabled:
         app.add_route("/metrics", resources.MetricsText(metrics))
     app.add_error_handler(Exception, handle_unexpected)

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the models (Gunicorn, settings from config/server.yaml)")
     serve.set_defaults(run=cmd_serve)
 
-    models = sub.add_parser("models", help="the model repository").add_subparsers()
+    models = sub.add_parser("models", help="the model repository, and the models a running server has loaded").add_subparsers()
     demo = models.add_parser("demo", help="train the demo models from bundled datasets (those missing)")
     demo.add_argument("--force", action="store_true", help="add a new version even where one exists")
     demo.set_defaults(run=cmd_demo)
@@ -214,16 +214,17 @@ class BadInput(Exception):
 def cmd_batch(args, client) -> int:
     info = client.get_model_info(args.model)
     if "features" not in info:
-        return fail(f"model_not_ready: {args.model} is loaded but not serving ({info.get('status')})")
+        return fail(f"model_not_ready: {args.model} is loaded but not serving")
     version = args.version or info["version"]
     partial = args.output.with_name(args.output.name + ".part")
     try:
         total = count_rows(args.input, args.header)
-        with open(args.input, newline="") as source, open(partial, "w", newline="") as target:
+        with open(args.input, newline="", encoding="utf-8-sig") as source, \
+                open(partial, "w", newline="", encoding="utf-8") as target:
             done = predict_csv(client, args, info, version, source, target, total)
         os.replace(partial, args.output)
-    except (OSError, BadInput) as exc:
-        return fail(describe_input_error(exc))
+    except (OSError, UnicodeDecodeError, csv.Error, BadInput) as exc:
+        return fail(describe_input_error(exc, args.input))
     finally:
         partial.unlink(missing_ok=True)
     print(f"wrote {done} predictions to {args.output} ({args.model} v{version})")
@@ -231,93 +232,80 @@ def cmd_batch(args, client) -> int:
 
 
 def predict_csv(client, args, info: dict, version: int, source: IO[str], target: IO[str], total: int) -> int:
-    """Stream source to target chunk by chunk; one model version answers every chunk,
-    so a model swapped on the server mid-run cannot mix two models in one file."""
+    """Stream source to target chunk by chunk. Every chunk names the same version, so
+    a model swapped on the server mid-run cannot mix two models in one file."""
+    from app.client import MLServeError
+
     features = info["features"]
     reader = csv.reader(source)
     writer = csv.writer(target)
     header, columns = read_header(reader, features, args.input) if args.header else (list(features), None)
-    # Class columns are known from the first answer (a classifier may lack probabilities).
+    # The class columns come from the first answer: a classifier may have no probabilities.
     classes: list | None = None
     wrote_header = False
     progress = Progress(total, sys.stderr)
     done = 0
-    for chunk in chunks(rows_of(reader, columns, len(features), args.input), args.chunk_size):
-        first, last = done + 1, done + len(chunk)
-        try:
-            result = client.batch_predict(args.model, [x for _, x in chunk], version=version)
-        except Exception as exc:
-            progress.close()
-            add_rows_to_message(exc, first, last)
-            raise
-        if not wrote_header:
-            classes = result["classes"] if result.get("probabilities") is not None else None
-            writer.writerow(header + ["prediction"] + [f"p_{c}" for c in classes or []])
-            wrote_header = True
-        probabilities = result.get("probabilities") if classes is not None else None
-        for i, (raw, _) in enumerate(chunk):
-            writer.writerow(raw + [result["predictions"][i]] + (probabilities[i] if probabilities else []))
-        done = last
-        progress.update(done)
-    progress.close()
+    try:
+        for chunk in chunks(rows_of(reader, columns, features, len(header), args.input), args.chunk_size):
+            try:
+                result = client.batch_predict(args.model, [values for _, values in chunk], version=version)
+            except MLServeError as exc:
+                # The server numbers rows within one request; say which rows of the file they were.
+                exc.message = f"{exc.message} (data rows {done + 1}-{done + len(chunk)} of {args.input})"
+                raise
+            if not wrote_header:
+                classes = result["classes"] if result.get("probabilities") is not None else None
+                writer.writerow(header + ["prediction"] + [f"p_{c}" for c in classes or []])
+                wrote_header = True
+            probabilities = result["probabilities"] if classes is not None else None
+            for i, (raw, _) in enumerate(chunk):
+                writer.writerow(raw + [result["predictions"][i]] + (probabilities[i] if probabilities else []))
+            done += len(chunk)
+            progress.update(done)
+    finally:
+        progress.close()
     if not wrote_header:
-        with_classes = info.get("task") == "classification" and info.get("classes")
-        writer.writerow(header + ["prediction"] + [f"p_{c}" for c in info.get("classes") or [] if with_classes])
+        classes = info.get("classes") if info.get("task") == "classification" else None
+        writer.writerow(header + ["prediction"] + [f"p_{c}" for c in classes or []])
     return done
 
 
-def add_rows_to_message(exc: Exception, first: int, last: int) -> None:
-    from app.client import MLServeError
-
-    # The server numbers rows within one request; say which rows of the file they were.
-    if isinstance(exc, MLServeError) and exc.status is not None:
-        exc.message = f"{exc.message} (in data rows {first}-{last} of the input)"
-
-
 def read_header(reader, features: list[str], path: Path) -> tuple[list[str], list[int]]:
+    """The header row, and the index of each of the model's features in it."""
     header = next(reader, None)
     if header is None:
         raise BadInput(f"{path}: empty file; expected a header row naming the features")
-    names = [h.strip() for h in header]
-    found = {}
-    for i, name in enumerate(names):
+    found: dict[str, int] = {}
+    for i, name in enumerate(h.strip() for h in header):
         if name in features and name in found:
             raise BadInput(f"{path}: column {name!r} appears twice in the header")
         found.setdefault(name, i)
     missing = [f for f in features if f not in found]
     if missing:
-        hint = ("; the first row looks like data: use --no-header"
-                if all(is_number(h) for h in names) else "")
-        raise BadInput(f"{path}: no column for {', '.join(missing)}; the model expects "
-                       f"{', '.join(features)}{hint}")
+        hint = "; the first row looks like data: use --no-header" if all(map(is_number, header)) else ""
+        named = "any feature" if len(missing) == len(features) else ", ".join(missing)
+        raise BadInput(f"{path}: no column for {named}; the model expects {', '.join(features)}{hint}")
     return header, [found[f] for f in features]
 
 
-def rows_of(reader, columns: list[int] | None, n_features: int, path: Path):
-    """(raw cells, feature values in the model's order) for each non-blank row."""
-    names = None
+def rows_of(reader, columns: list[int] | None, features: list[str], width: int, path: Path):
+    """(raw cells padded to the header's width, feature values in the model's order)
+    for each non-blank row; short rows are padded so prediction stays in its column."""
+    n = len(features)
     for raw in reader:
-        if not raw or not any(cell.strip() for cell in raw):
+        if not any(cell.strip() for cell in raw):
             continue
-        if columns is None:
-            if len(raw) != n_features:
-                raise BadInput(f"{path} line {reader.line_num}: {len(raw)} values; the model expects {n_features}")
-            cells = raw
-        else:
-            if len(raw) <= max(columns):
-                raise BadInput(f"{path} line {reader.line_num}: {len(raw)} values; the header has more columns")
-            cells = [raw[i] for i in columns]
-        values = []
-        for j, cell in enumerate(cells):
-            try:
-                value = float(cell)
-            except ValueError:
-                value = math.nan
+        if columns is None and len(raw) != n:
+            raise BadInput(f"{path} line {reader.line_num}: {len(raw)} values; the model expects {n} "
+                           f"({', '.join(features)})")
+        if columns is not None and (len(raw) > width or len(raw) <= max(columns)):
+            raise BadInput(f"{path} line {reader.line_num}: {len(raw)} values; the header names {width}")
+        raw += [""] * (width - len(raw))
+        cells = raw if columns is None else [raw[i] for i in columns]
+        values = [float(cell) if is_number(cell) else math.nan for cell in cells]
+        for name, cell, value in zip(features, cells, values):
             if not math.isfinite(value):
-                names = names or list(range(n_features))
-                where = f"column {columns[j] + 1}" if columns is not None else f"value {j + 1}"
-                raise BadInput(f"{path} line {reader.line_num}, {where}: {cell!r} is not a finite number")
-            values.append(value)
+                raise BadInput(f"{path} line {reader.line_num}, {name}: {cell!r} is not a finite number")
         yield raw, values
 
 
@@ -333,7 +321,7 @@ def chunks(items, size: int):
 
 
 def count_rows(path: Path, header: bool) -> int:
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         rows = sum(1 for row in csv.reader(f) if row and any(cell.strip() for cell in row))
     return max(0, rows - 1) if header else rows
 
@@ -346,9 +334,13 @@ def is_number(text: str) -> bool:
     return True
 
 
-def describe_input_error(exc: Exception) -> str:
+def describe_input_error(exc: Exception, path: Path) -> str:
     if isinstance(exc, OSError) and exc.filename:
         return f"{exc.filename}: {exc.strerror or exc}"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+    if isinstance(exc, csv.Error):
+        return f"{path}: not readable as CSV ({exc})"
     return str(exc)
 
 

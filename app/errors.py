@@ -55,3 +55,11 @@ class RateLimited(ServingError):
 
 class InvalidModel(Exception):
     """An artifact that must not go live (bad checksum, fails to load or verify)."""
+
+
+class Unauthorized(ServingError):
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(ServingError):
+    status, code = 403, "forbidden"

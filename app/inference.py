@@ -1,19 +1,26 @@
-"""The protocol-independent inference core: a parsed request body in, a
-response body out. The REST resources are thin wrappers around this."""
+"""The protocol-independent inference core: a parsed request body in, the
+response body (JSON bytes) out. The REST resources are thin wrappers."""
 from __future__ import annotations
 
 import time
 
+import numpy as np
+import orjson
+
 from app import features
+from app.cache import PredictionCache
 from app.errors import InvalidField, MissingField
 from app.loader import LoadedModel
 from app.registry import Registry
 
+NUMPY = orjson.OPT_SERIALIZE_NUMPY
+
 
 class Predictor:
-    def __init__(self, registry: Registry, max_batch_rows: int):
+    def __init__(self, registry: Registry, max_batch_rows: int, cache: PredictionCache | None = None):
         self.registry = registry
         self.max_batch_rows = max_batch_rows
+        self.cache = cache
 
     def model_for(self, body: dict) -> LoadedModel:
         name = body.get("model_name")
@@ -26,47 +33,92 @@ class Predictor:
             raise InvalidField("version must be a positive integer")
         return self.registry.resolve(name, version)
 
-    def predict(self, body: dict, started: float) -> tuple[LoadedModel, dict]:
-        model = self.model_for(body)
-        if "features" not in body:
-            raise MissingField("features is required")
+    def caching(self, body: dict, model: LoadedModel) -> bool:
         use_cache = body.get("use_cache", True)
         if type(use_cache) is not bool:
             raise InvalidField("use_cache must be true or false")
-        out = model.runtime.run(features.single(model, body["features"]))
-        probabilities = None
-        top = None
-        if out.probabilities is not None:
-            row = out.probabilities[0].tolist()
-            probabilities = dict(zip(model.class_keys, row))
-            top = max(row)
-        return model, {
-            "prediction": out.labels[0].item(),
-            "probability": top,
-            "probabilities": probabilities,
+        return use_cache and self.cache is not None and model.cacheable
+
+    def predict(self, body: dict, started: float) -> tuple[LoadedModel, bytes]:
+        model = self.model_for(body)
+        if "features" not in body:
+            raise MissingField("features is required")
+        X = features.single(model, body["features"])
+        level = None
+        if self.caching(body, model):
+            key = self.cache.key(model.cache_prefix, X)
+            level, scored = self.cache.get(model, key)
+            if scored is None:
+                scored = score(model, X)
+                self.cache.put(model, key, scored)
+        else:
+            scored = score(model, X)
+        tail = orjson.dumps({
             "model_name": model.name,
             "model_version": model.version,
             "timestamp": utc_now(),
-            "from_cache": False,
+            "from_cache": level or False,
             "latency_ms": (time.perf_counter() - started) * 1000.0,
-        }
+        })
+        # Both halves are JSON objects: join them into one without re-encoding.
+        return model, scored[:-1] + b"," + tail[1:]
 
-    def batch_predict(self, body: dict, started: float) -> tuple[LoadedModel, dict]:
+    def batch_predict(self, body: dict, started: float) -> tuple[LoadedModel, bytes]:
         model = self.model_for(body)
         if "features_batch" not in body:
             raise MissingField("features_batch is required")
         X = features.batch(model, body["features_batch"], self.max_batch_rows)
-        out = model.runtime.run(X)
-        return model, {
-            "predictions": out.labels.tolist(),
-            "probabilities": out.probabilities,
+        if self.caching(body, model):
+            labels, probabilities, hits = self.batch_through_cache(model, X)
+        else:
+            out = model.runtime.run(X)
+            labels, probabilities, hits = out.labels.tolist(), out.probabilities, {"l1": 0, "l2": 0}
+        return model, orjson.dumps({
+            "predictions": labels,
+            "probabilities": probabilities,
             "classes": model.classes,
             "model_name": model.name,
             "model_version": model.version,
             "count": len(X),
+            "cache_hits": hits,
             "timestamp": utc_now(),
             "total_latency_ms": (time.perf_counter() - started) * 1000.0,
-        }
+        }, option=NUMPY)
+
+    def batch_through_cache(self, model: LoadedModel, X: np.ndarray) -> tuple[list, list | None, dict]:
+        """Rows found in L1/L2 are reused; the rest run in one call and are written back together."""
+        keys = [self.cache.key(model.cache_prefix, row) for row in X]
+        found = self.cache.get_many(model, keys)
+        missing = [i for i, (_, value) in enumerate(found) if value is None]
+        rows: list = [None] * len(X)
+        if missing:
+            out = model.runtime.run(X[missing])
+            fresh = [(keys[i], score_row(model, out, j)) for j, i in enumerate(missing)]
+            self.cache.put_many(model, fresh)
+            for i, (_, value) in zip(missing, fresh):
+                rows[i] = orjson.loads(value)
+        hits = {"l1": 0, "l2": 0}
+        for i, (level, value) in enumerate(found):
+            if value is not None:
+                rows[i] = orjson.loads(value)
+                hits[level] += 1
+        labels = [row["prediction"] for row in rows]
+        if model.class_keys is None:
+            return labels, None, hits
+        return labels, [list(row["probabilities"].values()) for row in rows], hits
+
+
+def score(model: LoadedModel, X: np.ndarray) -> bytes:
+    """The cacheable part of a single prediction, as a JSON object."""
+    return score_row(model, model.runtime.run(X), 0)
+
+
+def score_row(model: LoadedModel, out, i: int) -> bytes:
+    if out.probabilities is None:
+        return orjson.dumps({"prediction": out.labels[i].item(), "probability": None, "probabilities": None})
+    row = out.probabilities[i].tolist()
+    return orjson.dumps({"prediction": out.labels[i].item(), "probability": max(row),
+                         "probabilities": dict(zip(model.class_keys, row))})
 
 
 _second = [-1, ""]

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from app.cache import KEY_PREFIX as CACHE_KEY_PREFIX
 from app.conversion import Verdict, convert_and_verify
 from app.errors import InvalidModel
 from app.repository import ModelVersion
@@ -33,10 +34,15 @@ class LoadedModel:
     runtime_reason: str | None = None
     feature_index: dict[str, int] = field(init=False)
     class_keys: list[str] | None = field(init=False)
+    cache_prefix: bytes = field(init=False)
+    cacheable: bool = field(init=False)
 
     def __post_init__(self):
         self.feature_index = {n: i for i, n in enumerate(self.feature_names)}
         self.class_keys = [str(c) for c in self.classes] if self.classes is not None else None
+        self.cache_prefix = f"{CACHE_KEY_PREFIX}{self.name}:{self.version}:".encode()
+        # A model whose metadata says it is not deterministic is never cached.
+        self.cacheable = self.metadata.get("deterministic", True) is not False
 
     @property
     def n_features(self) -> int:

@@ -35,9 +35,19 @@ class Metrics:
                                    multiprocess_mode="livemax", registry=self.registry)
         self.serving_version = Gauge("mlserve_model_serving_version", "Version serving per model.",
                                      ["model"], multiprocess_mode="livemax", registry=self.registry)
+        self.cache_lookups = Counter("mlserve_cache_lookups", "Cache lookups by level (l1, l2), model and result (hit, miss).",
+                                     ["level", "model", "result"], registry=self.registry)
+        self.l2_latency = Histogram("mlserve_cache_l2_duration_seconds", "Redis round trips of the cache.",
+                                    buckets=BUCKETS, registry=self.registry)
+        self.breaker_state = Gauge("mlserve_cache_breaker_state", "Redis circuit breaker: 0 closed, 1 half-open, 2 open.",
+                                   multiprocess_mode="livemax", registry=self.registry)
+        self.breaker_transitions = Counter("mlserve_cache_breaker_transitions", "Circuit breaker state changes.",
+                                           ["state"], registry=self.registry)
         self.lock = threading.Lock()
         # (model, version, endpoint, status) -> [count, seconds, per-bucket counts]
         self.pending: dict[tuple, list] = {}
+        # (counter, labels) -> count, for the other hot-path counters
+        self.pending_counts: dict[tuple, int] = {}
         self.flusher: threading.Thread | None = None
 
     def observe(self, model: str, version: str, endpoint: str, status: int, seconds: float) -> None:
@@ -51,9 +61,25 @@ class Metrics:
             # Prometheus buckets are "le": the first bound >= seconds.
             tally[2][bisect_left(BUCKETS, seconds)] += 1
 
+    def cache_lookup(self, level: str, model: str, hit: bool, n: int = 1) -> None:
+        if n:
+            key = (self.cache_lookups, (level, model, "hit" if hit else "miss"))
+            with self.lock:
+                self.pending_counts[key] = self.pending_counts.get(key, 0) + n
+
+    def observe_l2(self, seconds: float) -> None:
+        self.l2_latency.observe(seconds)
+
+    def breaker_changed(self, state: int, name: str) -> None:
+        self.breaker_state.set(state)
+        self.breaker_transitions.labels(name).inc()
+
     def flush(self) -> None:
         with self.lock:
             pending, self.pending = self.pending, {}
+            counts, self.pending_counts = self.pending_counts, {}
+        for (counter, labels), n in counts.items():
+            counter.labels(*labels).inc(n)
         for (model, version, endpoint, status), (count, seconds, buckets) in pending.items():
             self.requests.labels(model, version, endpoint, str(status)).inc(count)
             histogram = self.latency.labels(model, version, endpoint)

@@ -60,20 +60,18 @@ class Predict:
         self.limit = max_body_bytes
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        started = req.context.started
-        model, result = self.predictor.predict(read_json(req, self.limit), started)
+        model, resp.data = self.predictor.predict(read_json(req, self.limit), req.context.started)
         req.context.model = model
-        send(resp, result)
+        resp.content_type = JSON
 
 
 class BatchPredict(Predict):
     endpoint = "batch_predict"
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        started = req.context.started
-        model, result = self.predictor.batch_predict(read_json(req, self.limit), started)
+        model, resp.data = self.predictor.batch_predict(read_json(req, self.limit), req.context.started)
         req.context.model = model
-        send(resp, result)
+        resp.content_type = JSON
 
 
 class Models:

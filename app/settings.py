@@ -62,6 +62,7 @@ class Server:
     max_batch_rows: int = setting(10_000, "Most rows in one batch_predict; more gets 413.", between(1, 10_000_000))
     cors_origins: str = setting("", "Comma-separated origins allowed by CORS ('*' for any; empty: CORS off).")
     pid_file: str = setting("", "Where the master writes its pid (empty: nowhere).")
+    admin_token: str = setting("", "Bearer token for /api/v1/admin/* (empty: the admin API is off).")
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,17 @@ class Redis:
     connect_timeout: float = setting(0.05, "Seconds to wait for a Redis connection.", between(0.001, 30))
     socket_timeout: float = setting(0.05, "Seconds to wait for a Redis reply.", between(0.001, 30))
     pool_size: int = setting(16, "Most Redis connections per worker.", between(1, 10000))
+
+
+@dataclass(frozen=True)
+class Cache:
+    enabled: bool = setting(True, "Cache predictions (requests may still opt out with use_cache: false).")
+    l1_max_entries: int = setting(100_000, "Most predictions held in each worker's in-process cache (0: no L1).", at_least(0))
+    l1_max_bytes: int = setting(64 << 20, "Most bytes of predictions held in each worker's in-process cache.", at_least(0))
+    l1_ttl: float = setting(60.0, "Seconds a prediction lives in the in-process cache.", between(0.001, 86400 * 30))
+    l2_enabled: bool = setting(True, "Use Redis (redis.url) as a shared second level.")
+    breaker_failures: int = setting(5, "Consecutive Redis failures that open the circuit breaker.", between(1, 1000))
+    breaker_reset: float = setting(5.0, "Seconds Redis is left alone once the breaker opens.", between(0.01, 3600))
 
 
 @dataclass(frozen=True)
@@ -99,6 +111,7 @@ class RateLimiting:
 class Settings:
     server: Server = field(default_factory=Server)
     redis: Redis = field(default_factory=Redis)
+    cache: Cache = field(default_factory=Cache)
     models: Models = field(default_factory=Models)
     monitoring: Monitoring = field(default_factory=Monitoring)
     rate_limiting: RateLimiting = field(default_factory=RateLimiting)
@@ -108,7 +121,7 @@ class Settings:
         return f"{self.server.host}:{self.server.port}"
 
 
-SECTION_CLASSES = {"server": Server, "redis": Redis, "models": Models,
+SECTION_CLASSES = {"server": Server, "redis": Redis, "cache": Cache, "models": Models,
                    "monitoring": Monitoring, "rate_limiting": RateLimiting}
 
 # Short environment names for the settings people change most.

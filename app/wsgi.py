@@ -10,9 +10,12 @@ import time
 from pathlib import Path
 
 import falcon
+import pybreaker
 
 from app import settings as settings_module
 from app.api import create_app
+from app.cache import LRU, BreakerMetrics, Generations, PredictionCache, RedisStore
+from app.control import ControlChannel
 from app.metrics import Metrics
 from app.registry import Registry, read_model_config
 from app.repository import ModelRepository
@@ -31,12 +34,35 @@ class Service:
         self.registry = Registry(repository, plan, settings.models.verify_tolerance)
         self.registry.load_all()
         self.metrics = Metrics()
-        self.app: falcon.App = create_app(settings, self.registry, self.metrics, started)
+        self.cache = build_cache(settings, self.metrics)
+        self.control = ControlChannel(settings.redis.url, settings.redis.connect_timeout * 10)
+        if self.cache is not None:
+            self.control.on("invalidate", lambda message: self.cache.invalidate_local(message.get("model")))
+        self.app: falcon.App = create_app(settings, self.registry, self.metrics, started,
+                                          cache=self.cache, control=self.control)
         log.info("loaded %d of %d models in %.2f s", len(self.registry.serving), len(plan), time.time() - started)
 
     def on_worker_start(self) -> None:
         self.metrics.set_serving(self.registry.serving)
         self.metrics.start_flushing()
+        self.control.start()
+
+
+def build_cache(settings: settings_module.Settings, metrics: Metrics) -> PredictionCache | None:
+    options = settings.cache
+    if not options.enabled:
+        return None
+    l1 = LRU(options.l1_max_entries, options.l1_max_bytes, options.l1_ttl) if options.l1_max_entries else None
+    l2 = None
+    if settings.redis.url and options.l2_enabled:
+        breaker = pybreaker.CircuitBreaker(fail_max=options.breaker_failures, reset_timeout=options.breaker_reset,
+                                           listeners=[BreakerMetrics(metrics)], name="redis")
+        redis = settings.redis
+        l2 = RedisStore(redis.url, redis.cache_ttl, redis.connect_timeout, redis.socket_timeout,
+                        redis.pool_size, breaker, metrics)
+    if l1 is None and l2 is None:
+        return None
+    return PredictionCache(l1, l2, Generations(), metrics)
 
 
 def configure_logging(level: str) -> None:

@@ -40,3 +40,12 @@ def fresh_models(demo_models, tmp_path) -> Path:
     target = tmp_path / "models"
     shutil.copytree(demo_models, target)
     return target
+
+
+@pytest.fixture
+def redis_server():
+    """A private, empty redis-server for one test."""
+    from tests.redis_server import RedisServer
+
+    with RedisServer() as running:
+        yield running

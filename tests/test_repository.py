@@ -73,13 +73,22 @@ def test_versions_are_positive_integers_only(repo):
     assert repo.latest("m") == 10
 
 
-def test_versions_ignore_non_ascii_digit_directories(repo):
+@pytest.mark.parametrize("odd", ["\u00b2", "\u0661", "\u0663", "\uff11"])
+def test_versions_ignore_non_ascii_digit_directories(repo, odd):
     make_version(repo.root, "m", "1")
-    for odd in ("²", "١", "٣"):
-        make_version(repo.root, "m", odd)
+    make_version(repo.root, "m", odd)
     assert repo.versions("m") == [1]
     assert repo.latest("m") == 1
     assert repo.names() == ["m"]
+
+
+@pytest.mark.parametrize("odd", ["\u00b2", "\u0663"])
+def test_add_version_ignores_non_ascii_digit_directories(repo, tmp_path, odd):
+    make_version(repo.root, "m", "1")
+    make_version(repo.root, "m", odd)
+    mv = repo.add_version("m", source_files(tmp_path), {"artifact": "model.joblib"})
+    assert mv.version >= 2
+    assert (repo.root / "m" / str(mv.version) / "model.joblib").is_file()
 
 
 def test_version_directory_without_metadata_is_not_a_version(repo):

@@ -1,0 +1,66 @@
+"""CPU time and memory of a server's processes, and busy time of the whole
+machine, read from /proc."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def tree(master: int) -> list[int]:
+    """The master and its workers (its direct children)."""
+    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    return [master, *map(int, children)]
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of the whole process (all threads); None once it has gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The name in parentheses may hold spaces; fields after it start at field 3
+    # (state), so utime (field 14) and stime (15) are at 11 and 12.
+    fields = stat.rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def pss_mb(pids: list[int]) -> float:
+    """Proportional set size: shared pages counted once across the processes."""
+    total_kb = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                total_kb += int(line.split()[1])
+    return total_kb / 1024
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent not idle since boot."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    # user nice system idle iowait irq softirq steal; guest time is inside user.
+    return (sum(values) - values[3] - values[4]) / TICKS
+
+
+def loadavg() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+@dataclass
+class Sample:
+    cpu: dict[int, float]
+    busy: float
+
+    @classmethod
+    def take(cls, pids: list[int]) -> "Sample":
+        return cls({pid: cpu_seconds(pid) for pid in pids}, machine_busy_seconds())
+
+    def server_cpu_since(self, before: "Sample") -> tuple[float, bool]:
+        """CPU seconds the server used between the samples, and whether its set
+        of processes changed (a worker that died took its CPU time with it)."""
+        used = sum(self.cpu[p] - before.cpu[p] for p in self.cpu
+                   if p in before.cpu and self.cpu[p] is not None and before.cpu[p] is not None)
+        changed = self.cpu.keys() != before.cpu.keys() or None in self.cpu.values()
+        return used, changed

@@ -1,0 +1,94 @@
+"""Unit tests of the cache's own logic: the LRU's bounds and expiry, key
+derivation, and generations. (Redis behaviour is tested against a real Redis
+in test_cache_server.py.)"""
+from __future__ import annotations
+
+import numpy as np
+
+from app.cache import LRU, Generations, PredictionCache
+from app.metrics import Metrics
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_lru_evicts_least_recently_used_beyond_max_entries():
+    lru = LRU(max_entries=2, max_bytes=1 << 20, ttl=60)
+    lru.put(b"a", 0, b"1")
+    lru.put(b"b", 0, b"2")
+    assert lru.get(b"a", 0) == b"1"      # a is now the most recent
+    lru.put(b"c", 0, b"3")
+    assert lru.get(b"b", 0) is None
+    assert lru.get(b"a", 0) == b"1" and lru.get(b"c", 0) == b"3"
+    assert len(lru) == 2
+
+
+def test_lru_is_bounded_by_bytes():
+    lru = LRU(max_entries=1000, max_bytes=100, ttl=60)
+    for i in range(10):
+        lru.put(b"k%d" % i, 0, b"x" * 30)   # 32-33 bytes each
+    assert lru.bytes <= 100 and len(lru) == 3
+    assert lru.get(b"k9", 0) is not None and lru.get(b"k0", 0) is None
+    lru.put(b"huge", 0, b"x" * 200)         # larger than the whole cache: not kept
+    assert lru.get(b"huge", 0) is None and len(lru) == 3
+
+
+def test_lru_entries_expire_after_ttl():
+    clock = FakeClock()
+    lru = LRU(max_entries=10, max_bytes=1000, ttl=5, clock=clock)
+    lru.put(b"a", 0, b"1")
+    clock.now += 4.9
+    assert lru.get(b"a", 0) == b"1"
+    clock.now += 0.2
+    assert lru.get(b"a", 0) is None
+    assert len(lru) == 0 and lru.bytes == 0
+
+
+def test_lru_entry_from_an_older_generation_is_a_miss():
+    lru = LRU(max_entries=10, max_bytes=1000, ttl=60)
+    lru.put(b"a", 3, b"1")
+    assert lru.get(b"a", 4) is None
+    assert lru.get(b"a", 3) is None  # dropped on the failed lookup
+
+
+def test_generations_bump_one_model_or_all():
+    generations = Generations(slots=64)
+    before = generations.current("iris"), generations.current("wine")
+    generations.bump("iris")
+    assert generations.current("iris") == before[0] + 1
+    generations.bump(None)
+    assert generations.current("iris") == before[0] + 2 and generations.current("wine") == before[1] + 1
+
+
+def test_keys_differ_by_version_and_by_the_float32_features():
+    row = np.array([5.1, 3.5, 1.4, 0.2], dtype=np.float32)
+    v1 = PredictionCache.key(b"mlserve:p:iris:1:", row)
+    assert v1 == PredictionCache.key(b"mlserve:p:iris:1:", row.copy())
+    assert v1 != PredictionCache.key(b"mlserve:p:iris:2:", row)
+    assert v1 != PredictionCache.key(b"mlserve:p:iris:1:", np.nextafter(row, 10, dtype=np.float32))
+    # 5.1 as float64 rounds to the same float32 the model sees: same key.
+    same = np.array([5.1000000001, 3.5, 1.4, 0.2]).astype(np.float32)
+    assert v1 == PredictionCache.key(b"mlserve:p:iris:1:", same)
+    assert v1.startswith(b"mlserve:p:iris:1:")
+
+
+def test_cache_without_l2_serves_l1_and_counts_lookups():
+    metrics = Metrics()
+
+    class Model:
+        name = "iris"
+
+    cache = PredictionCache(LRU(10, 1000, 60), None, Generations(16), metrics)
+    assert cache.get(Model, b"k") == (None, None)
+    cache.put(Model, b"k", b"{}")
+    assert cache.get(Model, b"k") == ("l1", b"{}")
+    cache.invalidate_local("iris")
+    assert cache.get(Model, b"k") == (None, None)
+    text = metrics.render().decode()
+    assert 'mlserve_cache_lookups_total{level="l1",model="iris",result="hit"} 1.0' in text
+    assert 'mlserve_cache_lookups_total{level="l1",model="iris",result="miss"} 2.0' in text
