@@ -69,10 +69,7 @@ def create_app(settings: Settings, registry: Registry, metrics: Metrics, started
 
 
 def error_body(code: str, message: str, details: dict | None = None) -> bytes:
-    error = {"code": code, "message": message}
-    if details:
-        error.update(details)
-    return orjson.dumps({"error": error})
+    return orjson.dumps({"error": {**(details or {}), "code": code, "message": message}})
 
 
 def handle_serving_error(req, resp, exc: ServingError, params) -> None:

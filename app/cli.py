@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the models (Gunicorn, settings from config/server.yaml)")
     serve.set_defaults(run=cmd_serve)
 
-    models = sub.add_parser("models", help="the model repository, and the models a running server has loaded").add_subparsers()
+    models = sub.add_parser("models", help="the model repository, and what a running server has loaded") \
+        .add_subparsers()
     demo = models.add_parser("demo", help="train the demo models from bundled datasets (those missing)")
     demo.add_argument("--force", action="store_true", help="add a new version even where one exists")
     demo.set_defaults(run=cmd_demo)

@@ -109,7 +109,10 @@ class MLClient:
 
     def list_models(self) -> list[dict]:
         """Every loaded model, described as by get_model_info."""
-        return self.request("GET", "/api/v1/models")["models"]
+        body = self.request("GET", "/api/v1/models")
+        if not isinstance(body, dict) or not isinstance(body.get("models"), list):
+            raise MLServeError(200, "invalid_response", "GET /api/v1/models did not list models", body)
+        return body["models"]
 
     def health_check(self) -> dict:
         """Liveness: status, uptime_seconds, models_serving."""

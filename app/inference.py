@@ -13,8 +13,6 @@ from app.errors import InvalidField, MissingField
 from app.loader import LoadedModel
 from app.registry import Registry
 
-NUMPY = orjson.OPT_SERIALIZE_NUMPY
-
 
 class Predictor:
     def __init__(self, registry: Registry, max_batch_rows: int, cache: PredictionCache | None = None):
@@ -72,7 +70,8 @@ class Predictor:
             labels, probabilities, hits = self.batch_through_cache(model, X)
         else:
             out = model.runtime.run(X)
-            labels, probabilities, hits = out.labels.tolist(), out.probabilities, {"l1": 0, "l2": 0}
+            probabilities = out.probabilities.tolist() if out.probabilities is not None else None
+            labels, hits = out.labels.tolist(), {"l1": 0, "l2": 0}
         return model, orjson.dumps({
             "predictions": labels,
             "probabilities": probabilities,
@@ -83,7 +82,7 @@ class Predictor:
             "cache_hits": hits,
             "timestamp": utc_now(),
             "total_latency_ms": (time.perf_counter() - started) * 1000.0,
-        }, option=NUMPY)
+        })
 
     def batch_through_cache(self, model: LoadedModel, X: np.ndarray) -> tuple[list, list | None, dict]:
         """Rows found in L1/L2 are reused; the rest run in one call and are written back together."""

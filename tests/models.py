@@ -56,8 +56,8 @@ def families() -> dict:
         "linear": ("diabetes", "regression", LinearRegression),
         "ridge": ("diabetes", "regression", lambda: Ridge(alpha=1.0)),
         "lasso": ("diabetes", "regression", lambda: Lasso(alpha=0.1)),
-        "gradient_boosting_regressor": ("diabetes", "regression",
-                                        lambda: GradientBoostingRegressor(n_estimators=30, max_depth=3, random_state=0)),
+        "gradient_boosting_regressor": ("diabetes", "regression", lambda: GradientBoostingRegressor(
+            n_estimators=30, max_depth=3, random_state=0)),
         "kmeans": ("wine", "clustering",
                    lambda: make_pipeline(StandardScaler(), KMeans(n_clusters=3, n_init=3, random_state=0))),
         "dbscan": ("iris", "clustering", lambda: DBSCAN(eps=0.5, min_samples=5)),

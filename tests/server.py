@@ -3,6 +3,7 @@ port. Used by the integration tests and the benchmarks."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -48,7 +49,11 @@ class Server:
         self.log_file = open(self.log_path, "wb")
         self.process = subprocess.Popen([str(GUNICORN), "-c", "gunicorn.conf.py"], cwd=ROOT, env=self.env,
                                         stdout=self.log_file, stderr=subprocess.STDOUT)
-        self.wait_until("/ready" if ready else "/health", timeout)
+        try:
+            self.wait_until("/ready" if ready else "/health", timeout)
+        except BaseException:
+            self.stop(signal.SIGKILL)
+            raise
         return self
 
     def wait_until(self, path: str, timeout: float) -> None:
@@ -86,6 +91,7 @@ class Server:
             return self.process.wait()
         finally:
             self.log_file.close()
+            shutil.rmtree(self.workdir / "metrics", ignore_errors=True)
 
     def __enter__(self) -> "Server":
         return self.start()

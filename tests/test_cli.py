@@ -120,7 +120,8 @@ def test_predict_with_json_by_name_and_options(server, capsys):
     assert status == 0
     result = json.loads(out)
     assert result["prediction"] == 2 and result["model_version"] == 1
-    status, out, _ = run(capsys, "predict", "diabetes_regressor", "--json", json.dumps([0.01] * 10), "--url", server.url)
+    status, out, _ = run(capsys, "predict", "diabetes_regressor", "--json", json.dumps([0.01] * 10),
+                         "--url", server.url)
     assert status == 0 and isinstance(json.loads(out)["prediction"], float)
 
 
@@ -186,7 +187,9 @@ def test_batch_without_header_takes_columns_in_model_order(server, tmp_path, cap
     with_header, headerless = tmp_path / "named.csv", tmp_path / "plain.csv"
     rows = iris_csv(with_header)
     write_csv(headerless, None, [[r[f] for f in IRIS_FEATURES] for r in rows])
-    assert run(capsys, "batch", "iris_classifier", str(with_header), str(tmp_path / "a.csv"), "--url", server.url)[0] == 0
+    status, _, _ = run(capsys, "batch", "iris_classifier", str(with_header), str(tmp_path / "a.csv"),
+                       "--url", server.url)
+    assert status == 0
     status, out, _ = run(capsys, "batch", "iris_classifier", str(headerless), str(tmp_path / "b.csv"),
                          "--no-header", "--chunk-size", "7", "--url", server.url)
     assert status == 0 and "wrote 150 predictions" in out

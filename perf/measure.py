@@ -1,0 +1,91 @@
+"""Measured wrk runs against a running server: throughput, latency, errors,
+and the CPU and memory they cost; the check and warm-up before them; the
+median of repeated runs."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import requests
+
+from perf import loadgen, scenarios, usage
+from perf.scenarios import Scenario
+from perf.targets import Server
+from tests.server import ROOT
+
+
+def run(target: Server, scenario: Scenario, connections: int, duration: float, body: Path | None) -> dict:
+    cmd = loadgen.command(scenario.script, target.url + scenario.path, connections, duration, body)
+    load_before = usage.loadavg()
+    before = usage.Sample.take(target.pids())
+    started = time.time()
+    wrk, client_cpu = loadgen.run(cmd, ROOT, duration)
+    after = usage.Sample.take(target.pids())
+    server_cpu, changed = after.server_cpu_since(before)
+    return record(wrk, scenario, connections, {
+        "target": target.name, "started": started, "command": cmd, "loadavg_before": load_before,
+        "server_cpu_s": server_cpu, "client_cpu_s": client_cpu, "workers_changed": changed,
+        "other_cpu_s": max(0.0, after.busy - before.busy - server_cpu - client_cpu),
+        "pss_mb": usage.pss_mb(target.pids()),
+    })
+
+
+def record(wrk: dict, scenario: Scenario, connections: int, extra: dict) -> dict:
+    seconds = wrk["duration_us"] / 1e6
+    ok = wrk["requests"] - wrk["non2xx"]
+    socket_errors = {k: wrk[k] for k in ("connect", "read", "write", "timeout")}
+    return {
+        "scenario": scenario.name, "connections": connections, "duration_s": seconds,
+        "requests": wrk["requests"], "non2xx": wrk["non2xx"], "socket_errors": socket_errors,
+        "errors": wrk["non2xx"] + sum(socket_errors.values()),
+        # Only 2xx responses count: a server that fails fast must not look fast.
+        "req_per_s": ok / seconds,
+        "rows_per_s": ok * scenario.rows / seconds,
+        "latency_ms": {k[:-3]: wrk[k] / 1000 for k in ("p50_us", "p90_us", "p99_us", "p999_us", "mean_us", "max_us")},
+        "response_bytes": wrk["bytes"] / wrk["requests"] if wrk["requests"] else 0,
+        **extra,
+        "cpu_ms_per_req": extra["server_cpu_s"] * 1000 / ok if ok else None,
+    }
+
+
+def median(runs: list[dict]) -> dict:
+    """The run with the median req/s, whole (its latencies belong to its
+    throughput), with the spread of all runs beside it."""
+    ranked = sorted(runs, key=lambda r: r["req_per_s"])
+    chosen = dict(ranked[(len(ranked) - 1) // 2])
+    chosen["runs"] = len(runs)
+    chosen["req_per_s_range"] = [ranked[0]["req_per_s"], ranked[-1]["req_per_s"]]
+    chosen["errors_all_runs"] = sum(r["errors"] for r in runs)
+    return chosen
+
+
+def check(target: Server, scenario: Scenario) -> None:
+    """One request like the scenario's, answered 200 with the expected shape;
+    wrk counts status codes only, so a wrong 200 would pass unseen."""
+    body = scenarios.sample_body(scenario)
+    resp = requests.request(scenario.method, target.url + scenario.path, data=body,
+                            headers={"Content-Type": "application/json"}, timeout=30)
+    if resp.status_code != 200:
+        raise RuntimeError(f"{target.name} {scenario.name}: HTTP {resp.status_code}: {resp.text[:500]}")
+    answer = resp.json()
+    expected = {"predict": "prediction", "batch_predict": "predictions", "health": "status"}
+    key = expected[scenario.path.rsplit("/", 1)[-1]]
+    if target.name == "mlserve" and key not in answer:
+        raise RuntimeError(f"{target.name} {scenario.name}: no {key!r} in {resp.text[:500]}")
+    if target.name == "mlserve" and scenario.rows > 1 and answer.get("count") != scenario.rows:
+        raise RuntimeError(f"{target.name} {scenario.name}: count {answer.get('count')} != {scenario.rows}")
+
+
+def warm_up(target: Server, scenario: Scenario, connections: int, seconds: float, body: Path | None) -> str:
+    """An unrecorded run, so first-request costs (page faults in fresh workers,
+    ORT allocations, a cold cache) stay out of the figures. Stops the benchmark
+    if nothing succeeds; returns a warning if anything failed."""
+    if seconds <= 0:
+        return ""
+    wrk, _ = loadgen.run(loadgen.command(scenario.script, target.url + scenario.path, connections, seconds, body),
+                         ROOT, seconds)
+    errors = wrk["non2xx"] + sum(wrk[k] for k in ("connect", "read", "write", "timeout"))
+    summary = f"{target.name} {scenario.name} warm-up: {errors} errors in {wrk['requests']} requests"
+    if wrk["requests"] == wrk["non2xx"]:
+        raise RuntimeError(summary)
+    return summary if errors else ""

@@ -1,0 +1,118 @@
+"""results.md: the figures as markdown tables, with what they were measured on."""
+from __future__ import annotations
+
+from perf import loadgen
+
+COLUMNS = ("scenario", "conns", "req/s", "min-max", "rows/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms",
+           "errors", "CPU ms/req", "server cores", "wrk cores", "other cores", "PSS MB")
+
+
+def table(header: tuple, rows: list[tuple]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def num(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def ratio(ours: float | None, reference: float | None) -> str:
+    return f"{ours / reference:.2f}" if ours and reference else "-"
+
+
+def render(meta: dict, baseline: dict | None, configs: list[dict]) -> str:
+    lines = [f"# Benchmark {meta['stamp']}", "", *method(meta), ""]
+    if baseline:
+        lines += [f"In-process ONNX Runtime, iris, 1 thread: {baseline['rows']} rows per run in "
+                  f"{baseline['batch_ms']:.3f} ms = {num(baseline['batch_rows_per_s'])} rows/s; 1 row per run in "
+                  f"{baseline['single_us']:.1f} us = {num(baseline['single_per_s'])} runs/s.", ""]
+    for config in configs:
+        lines += section(config, baseline)
+    return "\n".join(lines) + "\n"
+
+
+def method(meta: dict) -> list[str]:
+    host, p = meta["host"], meta["host"]["packages"]
+    return [
+        f"- machine: {host['cpus']} CPUs ({host['cpu']}), kernel {host['kernel']}, "
+        f"load average at start {host['loadavg_at_start']:.2f}",
+        f"- code: commit {host['commit']}{' with uncommitted changes' if host['dirty'] else ''}; python "
+        f"{host['python']}, " + ", ".join(f"{k} {v}" for k, v in p.items()) + f"; {host['wrk']}",
+        f"- load: wrk -t1 --timeout {loadgen.TIMEOUT_SECONDS}s, {meta['duration']:g} s per run, {meta['runs']} "
+        f"run(s) per cell after a {meta['warmup']:g} s warm-up; a cell shows the run with the median req/s, "
+        "min-max over all runs beside it",
+        "- req/s and rows/s count 2xx responses only; errors are non-2xx plus socket errors over all runs",
+        "- latency is wrk's: closed loop, from sending a request to its response, so at saturation it "
+        "includes queueing (no coordinated-omission correction)",
+        "- cores = CPU seconds / run seconds: our server (master + workers), wrk itself, and everything "
+        "else on the machine; a high 'other' means the run was disturbed",
+    ]
+
+
+def section(config: dict, baseline: dict | None) -> list[str]:
+    cold = config["cold_start_s"]
+    lines = [f"## {config['config']} (worker {config['worker']})", "",
+             f"Cold start, process start to first 200 from /ready: median {config['cold_start_median_s']:.3f} s "
+             f"({', '.join(f'{t:.3f}' for t in cold)}); PSS when idle {config['pss_idle_mb']:.0f} MB.", ""]
+    if config["env"]:
+        lines += ["Settings: " + ", ".join(f"{k}={v}" for k, v in config["env"].items()), ""]
+    rows = [cells(cell) for cells_by_conns in config["results"].values() for cell in cells_by_conns.values()]
+    lines += table(COLUMNS, rows) + [""]
+    lines += references(config, baseline) + light_load(config)
+    return lines
+
+
+def cells(r: dict) -> tuple:
+    latency, low_high = r["latency_ms"], r["req_per_s_range"]
+    rows = num(r["rows_per_s"]) if r["rows_per_s"] != r["req_per_s"] else "-"
+    errors = str(r["errors_all_runs"]) + (" (workers restarted)" if r["workers_changed"] else "")
+    per_s = r["duration_s"]
+    return (r["scenario"], r["connections"], num(r["req_per_s"]), f"{num(low_high[0])}-{num(low_high[1])}", rows,
+            num(latency["p50"], 2), num(latency["p90"], 2), num(latency["p99"], 2), num(latency["p999"], 2),
+            errors, num(r["cpu_ms_per_req"], 3), num(r["server_cpu_s"] / per_s, 2),
+            num(r["client_cpu_s"] / per_s, 2), num(r["other_cpu_s"] / per_s, 2), num(r["pss_mb"]))
+
+
+def req_per_s(results: dict, scenario: str, connections: int) -> float | None:
+    cell = results.get(scenario, {}).get(connections)
+    return cell["req_per_s"] if cell else None
+
+
+def references(config: dict, baseline: dict | None) -> list[str]:
+    ours, refs = config["results"], config["references"]
+    lines = []
+    if refs:
+        ref = {app: r["results"]["predict_uncached"] for app, r in refs.items()}
+        conns = sorted({c for by_conns in ref.values() for c in by_conns})
+        rows = [(c, num(req_per_s(ours, "predict_uncached", c)), num(req_per_s(ref, "ort", c)),
+                 ratio(req_per_s(ours, "predict_uncached", c), req_per_s(ref, "ort", c)),
+                 num(req_per_s(ours, "predict_cached", c)), num(req_per_s(ref, "echo", c)),
+                 ratio(req_per_s(ours, "predict_cached", c), req_per_s(ref, "echo", c))) for c in conns]
+        lines += ["### Against the reference apps (same Gunicorn settings, worker class and workers)", ""]
+        lines += table(("conns", "predict_uncached req/s", "ort app req/s", "ratio",
+                        "predict_cached req/s", "echo app req/s", "ratio"), rows) + [""]
+    if baseline and "batch_1000" in ours:
+        rows = [(c, num(r["rows_per_s"]), ratio(r["rows_per_s"], baseline["batch_rows_per_s"]))
+                for c, r in ours["batch_1000"].items()]
+        lines += ["### batch_1000 against in-process ONNX Runtime on the same rows", "",
+                  f"In-process is one thread; {config['config']} can reach at most min(workers, CPUs) times it.", ""]
+        lines += table(("conns", "batch_1000 rows/s", "ratio to in-process"), rows) + [""]
+    return lines
+
+
+def light_load(config: dict) -> list[str]:
+    # wrk 4 cannot hold a fixed request rate (wrk2 can), so latency at half of
+    # the saturation rate cannot be measured directly; 1 and 8 connections
+    # stand in for light load, shown beside the 32-connection maximum.
+    uncached = config["results"].get("predict_uncached", {})
+    light = [c for c in (1, 8) if c in uncached]
+    if not light:
+        return []
+    peak = req_per_s(config["results"], "predict_uncached", 32)
+    rows = [(c, num(uncached[c]["req_per_s"]), f"{100 * uncached[c]['req_per_s'] / peak:.0f}%" if peak else "-",
+             num(uncached[c]["latency_ms"]["p50"], 2), num(uncached[c]["latency_ms"]["p99"], 2),
+             ratio(uncached[c]["latency_ms"]["p99"], uncached[c]["latency_ms"]["p50"])) for c in light]
+    return ["### Latency under light load (predict_uncached)", "",
+            "wrk 4 cannot fix the request rate, so light load is 1 and 8 connections, "
+            "not half the 32-connection rate.", ""] + table(
+        ("conns", "req/s", "of c32 req/s", "p50 ms", "p99 ms", "p99/p50"), rows) + [""]

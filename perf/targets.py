@@ -1,0 +1,109 @@
+"""The servers under test: ours, started by tests.server exactly as `make
+serve` starts it, and the reference apps under the same Gunicorn settings."""
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from app import settings as settings_module
+from perf import usage
+from tests.server import GUNICORN, ROOT
+from tests.server import Server as TestServer
+
+MODELS = ROOT / "models"
+REFERENCE_CONFIG = Path(__file__).resolve().parent / "reference_gunicorn.py"
+# tests.server polls every 50 ms; cold start is timed by this poll.
+POLL_SECONDS = 0.01
+
+
+@dataclass(frozen=True)
+class Config:
+    """One server configuration: worker class, worker count, extra MLSERVE_* settings."""
+    worker_class: str
+    workers: int
+    env: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.worker_class}-w{self.workers}"
+
+    def server_env(self) -> dict:
+        return {"MLSERVE_SERVER_WORKER_CLASS": self.worker_class, **self.env}
+
+
+class Server(TestServer):
+    """Our server. name says what it is in the results."""
+    name = "mlserve"
+
+    def __init__(self, config: Config):
+        super().__init__(MODELS, workers=config.workers, env=config.server_env())
+        self.config = config
+
+    def wait_until(self, path: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if requests.get(self.url + path, timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(POLL_SECONDS)
+        raise TimeoutError(f"{self.name} not answering {path} after {timeout} s:\n{self.log()}")
+
+    def pids(self) -> list[int]:
+        return usage.tree(self.master_pid)
+
+    def worker_in_use(self) -> str:
+        """The worker class Gunicorn reports, which may differ from the one asked
+        for (gunicorn.conf.py falls back to gthread when meinheld is missing)."""
+        found = re.search(r"Using worker: (\S+)", self.log())
+        return found.group(1) if found else "unknown"
+
+    def close(self, keep_log: Path | None = None) -> None:
+        """Stop, keep the log, remove the working directory."""
+        self.stop()
+        if keep_log:
+            keep_log.parent.mkdir(parents=True, exist_ok=True)
+            keep_log.write_text(self.log())
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class Reference(Server):
+    """A reference app (perf/reference_apps.py) on the Gunicorn command line
+    our server would get from gunicorn.conf.py with the same settings."""
+
+    def __init__(self, app: str, config: Config):
+        super().__init__(config)
+        self.name = f"ref_{app}"
+        config_file = self.env.get("MLSERVE_CONFIG") or str(ROOT / settings_module.DEFAULT_CONFIG)
+        self.command = reference_command(app, settings_module.load(self.env, config_file), self.port)
+
+    def start(self, timeout: float = 60.0, ready: bool = True) -> "Reference":
+        self.log_file = open(self.log_path, "wb")
+        self.process = subprocess.Popen(self.command, cwd=ROOT, env=self.env,
+                                        stdout=self.log_file, stderr=subprocess.STDOUT)
+        self.wait_until("/ready", timeout)
+        return self
+
+
+def reference_command(app: str, settings: settings_module.Settings, port: int) -> list[str]:
+    server = settings.server
+    # The choice gunicorn.conf.py makes.
+    if server.worker_class == "meinheld" and importlib.util.find_spec("meinheld"):
+        worker = ["-k", "app.worker.MeinheldWorker"]
+    else:
+        worker = ["-k", "gthread", "--threads", str(server.threads)]
+    return [str(GUNICORN), "-c", str(REFERENCE_CONFIG), *worker, "-w", str(server.workers),
+            "--worker-connections", str(server.worker_connections), "--keepalive", str(server.keepalive),
+            "--timeout", str(server.timeout), "--graceful-timeout", str(server.graceful_timeout),
+            "--max-requests", str(server.max_requests), "--preload", "-b", f"127.0.0.1:{port}",
+            f"perf.reference_apps:{app}"]
