@@ -76,7 +76,9 @@ def build(mv: ModelVersion, tolerance: float) -> LoadedModel:
         return from_onnx(mv)
     onnx_file = meta.get("onnx_artifact")
     if onnx_file and (meta.get("conversion") or {}).get("verified"):
-        # Converted and verified when published: serve the graph, never unpickle.
+        # Converted and verified when published: serve the graph, never
+        # unpickle. The source artifact is still checked: it is what was published.
+        mv.checked_file(meta["artifact"], "sha256")
         path = mv.checked_file(onnx_file, "onnx_sha256")
         task = require_task(mv, meta.get("task"))
         runtime = OnnxRuntime(str(path), task, meta.get("classes"))

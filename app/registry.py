@@ -27,7 +27,9 @@ def read_model_config(path: Path, repository: ModelRepository) -> dict[str, int 
     for name, options in listed.items():
         if not is_valid_name(name):
             raise SettingError(f"{path}: models.{name}: names match [a-z0-9][a-z0-9_-]{{0,63}}")
-        version = (options or {}).get("version") if isinstance(options, dict) else None
+        if options is not None and not isinstance(options, dict):
+            raise SettingError(f"{path}: models.{name}={options!r}: expected a mapping such as {{version: 2}} or {{}}")
+        version = (options or {}).get("version")
         if version is not None and (not isinstance(version, int) or isinstance(version, bool) or version < 1):
             raise SettingError(f"{path}: models.{name}.version={version!r}: expected a positive integer")
         plan[name] = version
@@ -50,6 +52,7 @@ class Registry:
     def load_model(self, name: str) -> None:
         """Load every version of name on disk; serve the pinned or newest one."""
         versions: dict[int, LoadedModel] = {}
+        refused: dict[int, str] = {}
         try:
             on_disk = self.repository.versions(name)
         except ModelNotFound as exc:
@@ -58,6 +61,7 @@ class Registry:
             try:
                 versions[version] = load(self.repository.get(name, version), self.tolerance)
             except InvalidModel as exc:
+                refused[version] = str(exc)
                 log.error("refused %s v%s: %s", name, version, exc)
         want = self.plan.get(name) or (on_disk[-1] if on_disk else None)
         self.loaded[name] = versions
@@ -67,8 +71,8 @@ class Registry:
             log.info("serving %s v%s on %s", name, want, versions[want].runtime.name)
         else:
             self.serving.pop(name, None)
-            self.failures[name] = (f"version {want} did not load (see log)" if want
-                                   else self.failures.get(name, "no versions in the repository"))
+            self.failures[name] = (f"version {want} did not load: {refused.get(want, 'not in the repository')}"
+                                   if want else self.failures.get(name, "no versions in the repository"))
             log.error("%s is not serving: %s", name, self.failures[name])
 
     def resolve(self, name: str, version: int | None = None) -> LoadedModel:

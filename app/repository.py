@@ -18,6 +18,7 @@ from typing import Any
 from app.errors import InvalidModel, ModelNotFound, VersionNotFound
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+VERSION_RE = re.compile(r"[1-9][0-9]{0,17}")
 ARTIFACTS = ("model.onnx", "model.joblib", "model.pkl")
 SOURCE_FORMATS = {"model.onnx": "onnx", "model.joblib": "joblib", "model.pkl": "pickle"}
 METADATA = "metadata.json"
@@ -83,8 +84,7 @@ class ModelRepository:
         if not folder.is_dir():
             return []
         return sorted(int(p.name) for p in folder.iterdir()
-                      if p.is_dir() and p.name.isdigit() and not p.name.startswith("0")
-                      and (p / METADATA).is_file())
+                      if p.is_dir() and VERSION_RE.fullmatch(p.name) and (p / METADATA).is_file())
 
     def latest(self, name: str) -> int:
         versions = self.versions(name)
@@ -128,7 +128,7 @@ class ModelRepository:
 
     def next_version(self, name: str) -> int:
         folder = self.root / name
-        taken = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
+        taken = [int(p.name) for p in folder.iterdir() if VERSION_RE.fullmatch(p.name)] if folder.is_dir() else []
         return max(taken, default=0) + 1
 
 

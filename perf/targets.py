@@ -103,7 +103,7 @@ def reference_command(app: str, settings: settings_module.Settings, port: int) -
     else:
         worker = ["-k", "gthread", "--threads", str(server.threads)]
     return [str(GUNICORN), "-c", str(REFERENCE_CONFIG), *worker, "-w", str(server.workers),
-            "--worker-connections", str(server.worker_connections), "--keepalive", str(server.keepalive),
+            "--worker-connections", str(server.worker_connections), "--keep-alive", str(server.keepalive),
             "--timeout", str(server.timeout), "--graceful-timeout", str(server.graceful_timeout),
             "--max-requests", str(server.max_requests), "--preload", "-b", f"127.0.0.1:{port}",
             f"perf.reference_apps:{app}"]
