@@ -36,8 +36,9 @@ system-deps:
 test: install system-deps models
 	$(BIN)/python -m pytest
 
+# The full suite; narrow it with e.g. make bench BENCH_ARGS="--scenario predict_uncached --connections 32"
 bench: install system-deps models
-	$(BIN)/python perf/run.py
+	$(BIN)/python perf/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

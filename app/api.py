@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from http import HTTPStatus
 
 import falcon
 import orjson
@@ -87,7 +88,7 @@ def handle_http_error(req, resp, exc: falcon.HTTPError, params) -> None:
     resp.content_type = resources.JSON
     for name, value in (exc.headers or {}).items():
         resp.set_header(name, value)
-    code = exc.title.split(" ", 1)[-1].lower().replace(" ", "_") if exc.title else "http_error"
+    code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
     message = exc.description or exc.title or "request refused"
     if exc.status_code == 405:
         message = f"{req.method} is not allowed on {req.path}; allowed: {exc.headers.get('Allow', '') if exc.headers else ''}"

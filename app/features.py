@@ -2,6 +2,7 @@
 saying exactly what is wrong and what the model expects."""
 from __future__ import annotations
 
+import warnings
 from itertools import chain
 
 import numpy as np
@@ -11,12 +12,15 @@ from app.loader import LoadedModel
 
 # bool is a subclass of int but true/false are not measurements: refused.
 is_number = frozenset((int, float)).__contains__
+# Values beyond float32 become inf, which finite() refuses with a 422; the
+# cast's warning would only add noise to the log.
+warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning)
 
 
 def single(model: LoadedModel, features) -> np.ndarray:
     """One row as a (1, n_features) float32 matrix."""
     row = as_list(model, features, "features")
-    return finite(np.array(row, dtype=np.float32).reshape(1, -1), "features")
+    return finite(matrix(row, "features").reshape(1, -1), "features")
 
 
 def batch(model: LoadedModel, rows, max_rows: int) -> np.ndarray:
@@ -30,7 +34,23 @@ def batch(model: LoadedModel, rows, max_rows: int) -> np.ndarray:
     n = model.n_features
     if not all(type(r) is list and len(r) == n for r in rows) or not all(map(is_number, map(type, chain.from_iterable(rows)))):
         rows = [as_list(model, r, f"features_batch[{i}]") for i, r in enumerate(rows)]
-    return finite(np.array(rows, dtype=np.float32), "features_batch")
+    return finite(matrix(rows, "features_batch"), "features_batch")
+
+
+def matrix(values: list, where: str) -> np.ndarray:
+    try:
+        return np.array(values, dtype=np.float32)
+    except OverflowError:  # an integer too large for any float
+        raise InvalidFeatures(f"{where}{overflow_at(values)} is not a finite number within float32 range") from None
+
+
+def overflow_at(values: list) -> str:
+    rows = values if values and type(values[0]) is list else [values]
+    for r, row in enumerate(rows):
+        for c, v in enumerate(row):
+            if type(v) is int and abs(v) > 2 ** 128:
+                return f"[{c}]" if rows is not values else f"[{r}][{c}]"
+    return ""
 
 
 def as_list(model: LoadedModel, features, where: str) -> list:

@@ -20,6 +20,7 @@ from limits.strategies import MovingWindowRateLimiter
 from app.errors import RateLimited
 
 log = logging.getLogger(__name__)
+EXEMPT = frozenset(("health", "ready", "metrics"))
 
 
 class RateLimit:
@@ -31,7 +32,10 @@ class RateLimit:
         storage = storage_from_string(redis_url) if redis_url else MemoryStorage()
         self.limiter = MovingWindowRateLimiter(storage)
 
-    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource, params) -> None:
+        # Probes and scrapes are never limited: a load balancer must see the truth.
+        if getattr(resource, "endpoint", None) in EXEMPT:
+            return
         key = req.remote_addr or "unknown"
         try:
             allowed = self.limiter.hit(self.item, key)

@@ -18,8 +18,10 @@ DUMP_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 
 def read_json(req: falcon.Request, limit: int) -> dict:
     length = req.content_length
-    if length is None:  # chunked: read no more than the limit allows
-        raw = req.bounded_stream.read(limit + 1)
+    if length is None:
+        # Chunked: the server has decoded and terminated wsgi.input
+        # (wsgi.input_terminated); read no more than the limit allows.
+        raw = req.stream.read(limit + 1)
         if len(raw) > limit:
             raise BodyTooLarge(f"request body is over the limit of {limit} bytes")
     elif length > limit:
@@ -39,7 +41,7 @@ def lenient_json(raw: bytes, strict_error: Exception):
     """NaN and Infinity are not JSON, but a client that sends them has a bad
     feature value, not a broken body: parse them so validation can say 422."""
     try:
-        return json.loads(raw)
+        return json.loads(raw.decode("utf-8"))  # strict: no lone surrogates
     except (ValueError, RecursionError):
         if not raw.strip():
             raise InvalidJSON("the request body is empty; expected a JSON object") from None

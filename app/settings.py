@@ -137,6 +137,7 @@ def load(environ: Mapping[str, str] | None = None, path: str | None = None) -> S
     environ = os.environ if environ is None else environ
     path = path or environ.get(ENV_PREFIX + "CONFIG") or DEFAULT_CONFIG
     raw = read_file(Path(path), required=ENV_PREFIX + "CONFIG" in environ)
+    check_environment_names(environ)
     for section, cls in SECTION_CLASSES.items():
         for f in dataclasses.fields(cls):
             env = f"{ENV_PREFIX}{section.upper()}_{f.name.upper()}"
@@ -154,15 +155,31 @@ def load(environ: Mapping[str, str] | None = None, path: str | None = None) -> S
     return Settings(**{s: build_section(s, raw.get(s) or {}) for s in SECTION_CLASSES})
 
 
+def check_environment_names(environ: Mapping[str, str]) -> None:
+    """A misspelt MLSERVE_ variable would silently do nothing: refuse it."""
+    known = {ENV_PREFIX + "CONFIG", ENV_PREFIX + "BIND", *SHORT_FORMS}
+    known.update(f"{ENV_PREFIX}{section.upper()}_{f.name.upper()}"
+                 for section, cls in SECTION_CLASSES.items() for f in dataclasses.fields(cls))
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in known:
+            raise SettingError(f"{name}: unknown setting; see the settings table in README.md")
+
+
 def read_file(path: Path, required: bool) -> dict:
     if not path.exists():
         if required:
             raise SettingError(f"MLSERVE_CONFIG={path}: no such file")
         return {}
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise SettingError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SettingError(f"{path}: not valid YAML{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        label = f"{ENV_PREFIX}CONFIG={path}" if required else str(path)
+        raise SettingError(f"{label}: cannot read the config file ({exc.__class__.__name__}: {exc})") from None
     if not isinstance(data, dict):
         raise SettingError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     return {k: dict(v or {}) if isinstance(v, dict) or v is None else bad_section(k, v) for k, v in data.items()}

@@ -14,9 +14,20 @@ from meinheld.gmeinheld import MeinheldWorker as _MeinheldWorker
 # handled finishes before the loop runs again (the handler is synchronous);
 # this is the time left to flush responses and serve requests already sent.
 DRAIN_SECONDS = 1
+HTTP_BODY_CAP = 16 << 20
 
 
 class MeinheldWorker(_MeinheldWorker):
+    def run(self):
+        # meinheld reads a whole body before the app sees it. Bodies up to this
+        # cap reach the app, which answers a JSON 413 above max_body_bytes;
+        # bodies declared beyond it are refused by meinheld itself (HTML 413)
+        # without being read, so a client cannot make a worker buffer them.
+        from app.wsgi import service
+
+        server.set_max_content_length(max(HTTP_BODY_CAP, 4 * service.settings.server.max_body_bytes))
+        super().run()
+
     def handle_exit(self, sig, frame):
         self.alive = False
         server.stop(min(DRAIN_SECONDS, int(self.cfg.graceful_timeout)) or 1)

@@ -14,13 +14,13 @@ WRK = shutil.which("wrk") or "/usr/bin/wrk"
 TIMEOUT_SECONDS = 10
 
 
-def command(script: Path, url: str, connections: int, duration: float, body: Path | None = None) -> list[str]:
-    cmd = [WRK, "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency",
+def command(script: Path, url: str, connections: int, duration: int, body: Path | None = None) -> list[str]:
+    cmd = [WRK, "-t1", f"-c{connections}", f"-d{duration}s", "--latency",
            "--timeout", f"{TIMEOUT_SECONDS}s", "-s", str(script), url]
     return cmd + ["--", str(body)] if body else cmd
 
 
-def run(cmd: list[str], cwd: Path, duration: float) -> tuple[dict, float]:
+def run(cmd: list[str], cwd: Path, duration: int) -> tuple[dict, float]:
     """wrk's summary and the CPU seconds wrk itself used (the load generator
     shares the machine with the server; this says how much of it it took)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -39,4 +39,4 @@ def parse(done: subprocess.CompletedProcess) -> dict:
 
 def version() -> str:
     done = subprocess.run([WRK, "-v"], capture_output=True, text=True)
-    return (done.stdout + done.stderr).splitlines()[0].strip()
+    return (done.stdout + done.stderr).splitlines()[0].split(" Copyright")[0].strip()

@@ -14,17 +14,21 @@ from perf.targets import Server
 from tests.server import ROOT
 
 
-def run(target: Server, scenario: Scenario, connections: int, duration: float, body: Path | None) -> dict:
+def run(target: Server, scenario: Scenario, connections: int, duration: int, body: Path | None) -> dict:
     cmd = loadgen.command(scenario.script, target.url + scenario.path, connections, duration, body)
     load_before = usage.loadavg()
     before = usage.Sample.take(target.pids())
     started = time.time()
     wrk, client_cpu = loadgen.run(cmd, ROOT, duration)
     after = usage.Sample.take(target.pids())
-    server_cpu, changed = after.server_cpu_since(before)
+    used, changed = after.cpu_since(before)
+    server_cpu = sum(used.values())
     return record(wrk, scenario, connections, {
         "target": target.name, "started": started, "command": cmd, "loadavg_before": load_before,
         "server_cpu_s": server_cpu, "client_cpu_s": client_cpu, "workers_changed": changed,
+        # Per worker, busiest first: an uneven split means connections were
+        # not spread over the workers, which caps throughput below the cores.
+        "worker_cpu_s": sorted((s for pid, s in used.items() if pid != target.master_pid), reverse=True),
         "other_cpu_s": max(0.0, after.busy - before.busy - server_cpu - client_cpu),
         "pss_mb": usage.pss_mb(target.pids()),
     })
@@ -76,7 +80,7 @@ def check(target: Server, scenario: Scenario) -> None:
         raise RuntimeError(f"{target.name} {scenario.name}: count {answer.get('count')} != {scenario.rows}")
 
 
-def warm_up(target: Server, scenario: Scenario, connections: int, seconds: float, body: Path | None) -> str:
+def warm_up(target: Server, scenario: Scenario, connections: int, seconds: int, body: Path | None) -> str:
     """An unrecorded run, so first-request costs (page faults in fresh workers,
     ORT allocations, a cold cache) stay out of the figures. Stops the benchmark
     if nothing succeeds; returns a warning if anything failed."""

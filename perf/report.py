@@ -4,7 +4,7 @@ from __future__ import annotations
 from perf import loadgen
 
 COLUMNS = ("scenario", "conns", "req/s", "min-max", "rows/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms",
-           "errors", "CPU ms/req", "server cores", "wrk cores", "other cores", "PSS MB")
+           "errors", "CPU ms/req", "server cores", "per worker", "wrk cores", "other cores", "PSS MB")
 
 
 def table(header: tuple, rows: list[tuple]) -> list[str]:
@@ -39,13 +39,14 @@ def method(meta: dict) -> list[str]:
         f"- code: commit {host['commit']}{' with uncommitted changes' if host['dirty'] else ''}; python "
         f"{host['python']}, " + ", ".join(f"{k} {v}" for k, v in p.items()) + f"; {host['wrk']}",
         f"- load: wrk -t1 --timeout {loadgen.TIMEOUT_SECONDS}s, {meta['duration']:g} s per run, {meta['runs']} "
-        f"run(s) per cell after a {meta['warmup']:g} s warm-up; a cell shows the run with the median req/s, "
-        "min-max over all runs beside it",
+        f"run(s) per cell after a {meta['warmup']} s warm-up per scenario; a cell shows the run with the median "
+        "req/s (the lower middle one for an even count), min-max over all runs beside it",
         "- req/s and rows/s count 2xx responses only; errors are non-2xx plus socket errors over all runs",
         "- latency is wrk's: closed loop, from sending a request to its response, so at saturation it "
         "includes queueing (no coordinated-omission correction)",
-        "- cores = CPU seconds / run seconds: our server (master + workers), wrk itself, and everything "
-        "else on the machine; a high 'other' means the run was disturbed",
+        "- cores = CPU seconds / run seconds: the server (master + workers), each worker (busiest first; "
+        "an uneven split means connections were not spread over the workers), wrk itself, and everything "
+        "else on the machine (a high 'other' means the run was disturbed)",
     ]
 
 
@@ -66,11 +67,12 @@ def cells(r: dict) -> tuple:
     latency, low_high = r["latency_ms"], r["req_per_s_range"]
     rows = num(r["rows_per_s"]) if r["rows_per_s"] != r["req_per_s"] else "-"
     errors = str(r["errors_all_runs"]) + (" (workers restarted)" if r["workers_changed"] else "")
-    per_s = r["duration_s"]
+    seconds = r["duration_s"]
     return (r["scenario"], r["connections"], num(r["req_per_s"]), f"{num(low_high[0])}-{num(low_high[1])}", rows,
             num(latency["p50"], 2), num(latency["p90"], 2), num(latency["p99"], 2), num(latency["p999"], 2),
-            errors, num(r["cpu_ms_per_req"], 3), num(r["server_cpu_s"] / per_s, 2),
-            num(r["client_cpu_s"] / per_s, 2), num(r["other_cpu_s"] / per_s, 2), num(r["pss_mb"]))
+            errors, num(r["cpu_ms_per_req"], 3), num(r["server_cpu_s"] / seconds, 2),
+            " ".join(num(w / seconds, 2) for w in r["worker_cpu_s"]),
+            num(r["client_cpu_s"] / seconds, 2), num(r["other_cpu_s"] / seconds, 2), num(r["pss_mb"]))
 
 
 def req_per_s(results: dict, scenario: str, connections: int) -> float | None:
@@ -79,25 +81,30 @@ def req_per_s(results: dict, scenario: str, connections: int) -> float | None:
 
 
 def references(config: dict, baseline: dict | None) -> list[str]:
-    ours, refs = config["results"], config["references"]
-    lines = []
-    if refs:
-        ref = {app: r["results"]["predict_uncached"] for app, r in refs.items()}
-        conns = sorted({c for by_conns in ref.values() for c in by_conns})
-        rows = [(c, num(req_per_s(ours, "predict_uncached", c)), num(req_per_s(ref, "ort", c)),
-                 ratio(req_per_s(ours, "predict_uncached", c), req_per_s(ref, "ort", c)),
-                 num(req_per_s(ours, "predict_cached", c)), num(req_per_s(ref, "echo", c)),
-                 ratio(req_per_s(ours, "predict_cached", c), req_per_s(ref, "echo", c))) for c in conns]
-        lines += ["### Against the reference apps (same Gunicorn settings, worker class and workers)", ""]
-        lines += table(("conns", "predict_uncached req/s", "ort app req/s", "ratio",
-                        "predict_cached req/s", "echo app req/s", "ratio"), rows) + [""]
-    if baseline and "batch_1000" in ours:
-        rows = [(c, num(r["rows_per_s"]), ratio(r["rows_per_s"], baseline["batch_rows_per_s"]))
-                for c, r in ours["batch_1000"].items()]
-        lines += ["### batch_1000 against in-process ONNX Runtime on the same rows", "",
-                  f"In-process is one thread; {config['config']} can reach at most min(workers, CPUs) times it.", ""]
-        lines += table(("conns", "batch_1000 rows/s", "ratio to in-process"), rows) + [""]
+    lines = reference_table(config["results"], config["references"]) if config["references"] else []
+    if baseline and "batch_1000" in config["results"]:
+        lines += batch_table(config, baseline)
     return lines
+
+
+def reference_table(ours: dict, refs: dict) -> list[str]:
+    ref = {app: r["results"]["predict_uncached"] for app, r in refs.items()}
+    conns = sorted({c for by_conns in ref.values() for c in by_conns})
+    rows = [(c, num(req_per_s(ours, "predict_uncached", c)), num(req_per_s(ref, "ort", c)),
+             ratio(req_per_s(ours, "predict_uncached", c), req_per_s(ref, "ort", c)),
+             num(req_per_s(ours, "predict_cached", c)), num(req_per_s(ref, "echo", c)),
+             ratio(req_per_s(ours, "predict_cached", c), req_per_s(ref, "echo", c))) for c in conns]
+    return ["### Against the reference apps (same Gunicorn settings, worker class and workers)", ""] + table(
+        ("conns", "predict_uncached req/s", "ort app req/s", "ratio",
+         "predict_cached req/s", "echo app req/s", "ratio"), rows) + [""]
+
+
+def batch_table(config: dict, baseline: dict) -> list[str]:
+    rows = [(c, num(r["rows_per_s"]), ratio(r["rows_per_s"], baseline["batch_rows_per_s"]))
+            for c, r in config["results"]["batch_1000"].items()]
+    return ["### batch_1000 against in-process ONNX Runtime on the same rows", "",
+            f"In-process is one thread; {config['config']} can reach at most min(workers, CPUs) times it.",
+            ""] + table(("conns", "batch_1000 rows/s", "ratio to in-process"), rows) + [""]
 
 
 def light_load(config: dict) -> list[str]:

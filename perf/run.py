@@ -42,9 +42,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenario", action="append", choices=list(SCENARIOS), help="repeatable; default: all")
     p.add_argument("--connections", type=int_list, default=[1, 8, 32, 128], help="comma list (default 1,8,32,128)")
-    p.add_argument("--duration", type=float, default=10, help="seconds per run (default 10)")
+    # wrk takes whole seconds.
+    p.add_argument("--duration", type=int, default=10, help="seconds per run (default 10)")
     p.add_argument("--runs", type=int, default=3, help="runs per cell; the median by req/s is reported (default 3)")
-    p.add_argument("--warmup", type=float, default=2, help="unrecorded seconds per scenario first (default 2; 0: none)")
+    p.add_argument("--warmup", type=int, default=2, help="unrecorded seconds per scenario first (default 2; 0: none)")
     p.add_argument("--workers", type=int_list, default=[2], help="comma list of worker counts (default 2)")
     p.add_argument("--worker-class", type=name_list, default=["meinheld", "gthread"],
                    help="comma list of meinheld, gthread (default both)")
@@ -56,6 +57,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if set(args.worker_class) - {"meinheld", "gthread"}:
         p.error("--worker-class takes meinheld and/or gthread")
+    if any("=" not in item for item in args.env):
+        p.error("--env takes NAME=VALUE")
     if not args.connections or min(args.connections) < 1 or args.runs < 1 or args.duration <= 0:
         p.error("--connections, --runs and --duration must be positive")
     return args
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                       args.runs, args.warmup, args.references, scenarios.write_bodies(out / "bodies"), out)
     meta = {"stamp": stamp, "host": host.describe(), "duration": args.duration, "runs": args.runs,
             "warmup": args.warmup, "scenarios": names, "connections": plan.connections}
-    suite.log(f"writing to {out}; about {estimate_seconds(args, plan) / 60:.0f} min")
+    suite.log(f"writing to {out}; this takes about {estimate_seconds(args, plan) / 60:.1f} min")
     baseline = inprocess.measure(scenarios.iris_rows(1000)) if args.references else None
     results = [suite.bench(config, plan) for config in configs(args)]
     (out / "summary.json").write_text(json.dumps({"meta": meta, "in_process": baseline, "configs": results},

@@ -23,9 +23,9 @@ REFERENCES = {"ort": "predict_uncached", "echo": "predict_cached"}
 class Plan:
     scenarios: list[Scenario]
     connections: list[int]
-    duration: float
+    duration: int
     runs: int
-    warmup: float
+    warmup: int
     references: bool
     bodies: dict[str, Path]
     out: Path

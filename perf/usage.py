@@ -57,10 +57,10 @@ class Sample:
     def take(cls, pids: list[int]) -> "Sample":
         return cls({pid: cpu_seconds(pid) for pid in pids}, machine_busy_seconds())
 
-    def server_cpu_since(self, before: "Sample") -> tuple[float, bool]:
-        """CPU seconds the server used between the samples, and whether its set
-        of processes changed (a worker that died took its CPU time with it)."""
-        used = sum(self.cpu[p] - before.cpu[p] for p in self.cpu
-                   if p in before.cpu and self.cpu[p] is not None and before.cpu[p] is not None)
+    def cpu_since(self, before: "Sample") -> tuple[dict[int, float], bool]:
+        """CPU seconds each process used between the samples, and whether the
+        set of processes changed (a worker that died took its CPU time with it)."""
+        used = {p: self.cpu[p] - before.cpu[p] for p in self.cpu
+                if before.cpu.get(p) is not None and self.cpu[p] is not None}
         changed = self.cpu.keys() != before.cpu.keys() or None in self.cpu.values()
         return used, changed
