@@ -1,10 +1,12 @@
 """Gunicorn settings, all taken from app.settings (config/server.yaml and
 MLSERVE_* environment variables). Run: gunicorn -c gunicorn.conf.py"""
+import ctypes
 import gc
 import importlib.util
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 
@@ -21,6 +23,7 @@ except settings_module.SettingError as exc:
     sys.exit(f"mlserve: bad setting: {exc}")
 
 _server = _settings.server
+PR_SET_PDEATHSIG = 1
 
 wsgi_app = "app.wsgi:application"
 bind = [_settings.bind]
@@ -66,6 +69,15 @@ def when_ready(server):
     # the collector never touches (and copies) their pages in the workers.
     gc.collect()
     gc.freeze()
+
+
+def post_fork(server, worker):
+    # A worker whose master is gone (killed with SIGKILL, OOM) must not linger
+    # holding the port and the models: have the kernel send it SIGTERM.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def post_worker_init(worker):

@@ -23,7 +23,7 @@ def body(features=(5.1, 3.5, 1.4, 0.2), **extra):
 def served(models, redis_url="", workers=2, **settings) -> Server:
     env = {"MLSERVE_REDIS_URL": redis_url, "MLSERVE_SERVER_ADMIN_TOKEN": TOKEN}
     env.update({f"MLSERVE_{k.upper()}": str(v) for k, v in settings.items()})
-    return Server(models, workers=workers, env=env).start()
+    return Server(models, workers=workers, env=env)  # started by `with`
 
 
 @pytest.fixture

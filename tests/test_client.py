@@ -187,7 +187,7 @@ def test_too_many_requests_is_rate_limited_with_retry_after(limited_server):
     with MLClient(limited_server.url) as client:
         with pytest.raises(RateLimited) as caught:
             for _ in range(3):
-                client.health_check()
+                client.get_model_info("iris_classifier")
     error = caught.value
     assert (error.status, error.code) == (429, "rate_limited")
     assert isinstance(error.retry_after, int) and 1 <= error.retry_after <= 2
