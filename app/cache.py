@@ -203,7 +203,8 @@ class PredictionCache:
         self.l1, self.l2, self.generations, self.metrics = l1, l2, generations, metrics
 
     @staticmethod
-    def key(prefix: bytes, row: bytes) -> bytes:
+    def key(prefix: bytes, row) -> bytes:
+        """row: the float32 bytes of one row (bytes, or a contiguous float32 array)."""
         return prefix + hashlib.blake2b(row, digest_size=16).hexdigest().encode()
 
     def get(self, model, key: bytes) -> tuple[str | None, bytes | None]:

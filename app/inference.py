@@ -41,16 +41,18 @@ class Predictor:
         model = self.model_for(body)
         if "features" not in body:
             raise MissingField("features is required")
-        X = features.single(model, body["features"])
+        row = features.single(model, body["features"])
         level = None
         if self.caching(body, model):
-            key = self.cache.key(model.cache_prefix, X)
+            # The key hashes the float32 bytes the model would see; a hit
+            # never builds a numpy array.
+            key = self.cache.key(model.cache_prefix, model.row_format.pack(*row))
             level, scored = self.cache.get(model, key)
             if scored is None:
-                scored = score(model, X)
+                scored = score(model, row)
                 self.cache.put(model, key, scored)
         else:
-            scored = score(model, X)
+            scored = score(model, row)
         tail = orjson.dumps({
             "model_name": model.name,
             "model_version": model.version,
@@ -92,7 +94,9 @@ class Predictor:
         rows: list = [None] * len(X)
         if missing:
             out = model.runtime.run(X[missing])
-            fresh = [(keys[i], score_row(model, out, j)) for j, i in enumerate(missing)]
+            labels = out.labels.tolist()
+            probabilities = out.probabilities.tolist() if out.probabilities is not None else [None] * len(labels)
+            fresh = [(keys[i], fragment(model, labels[j], probabilities[j])) for j, i in enumerate(missing)]
             self.cache.put_many(model, fresh)
             for i, (_, value) in zip(missing, fresh):
                 rows[i] = orjson.loads(value)
@@ -107,17 +111,18 @@ class Predictor:
         return labels, [list(row["probabilities"].values()) for row in rows], hits
 
 
-def score(model: LoadedModel, X: np.ndarray) -> bytes:
-    """The cacheable part of a single prediction, as a JSON object."""
-    return score_row(model, model.runtime.run(X), 0)
+def score(model: LoadedModel, row: list) -> bytes:
+    """Run one row; the cacheable part of its prediction, as a JSON object."""
+    out = model.runtime.run(np.array((row,), dtype=np.float32))
+    probabilities = out.probabilities.tolist()[0] if out.probabilities is not None else None
+    return fragment(model, out.labels.tolist()[0], probabilities)
 
 
-def score_row(model: LoadedModel, out, i: int) -> bytes:
-    if out.probabilities is None:
-        return orjson.dumps({"prediction": out.labels[i].item(), "probability": None, "probabilities": None})
-    row = out.probabilities[i].tolist()
-    return orjson.dumps({"prediction": out.labels[i].item(), "probability": max(row),
-                         "probabilities": dict(zip(model.class_keys, row))})
+def fragment(model: LoadedModel, label, probabilities: list | None) -> bytes:
+    if probabilities is None:
+        return orjson.dumps({"prediction": label, "probability": None, "probabilities": None})
+    return orjson.dumps({"prediction": label, "probability": max(probabilities),
+                         "probabilities": dict(zip(model.class_keys, probabilities))})
 
 
 _second = [-1, ""]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,12 +36,15 @@ class LoadedModel:
     feature_index: dict[str, int] = field(init=False)
     class_keys: list[str] | None = field(init=False)
     cache_prefix: bytes = field(init=False)
+    row_format: struct.Struct = field(init=False)
     cacheable: bool = field(init=False)
 
     def __post_init__(self):
         self.feature_index = {n: i for i, n in enumerate(self.feature_names)}
         self.class_keys = [str(c) for c in self.classes] if self.classes is not None else None
         self.cache_prefix = f"{CACHE_KEY_PREFIX}{self.name}:{self.version}:".encode()
+        # One row as the float32 bytes the model sees (numpy's tobytes() of it).
+        self.row_format = struct.Struct(f"<{len(self.feature_names)}f")
         # A model whose metadata says it is not deterministic is never cached.
         self.cacheable = self.metadata.get("deterministic", True) is not False
 

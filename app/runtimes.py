@@ -51,6 +51,7 @@ class OnnxRuntime:
             raise ValueError(f"ONNX graph has {len(inputs)} inputs; one 2-D tensor is served")
         self.input_name = inputs[0].name
         self.input_dtype = np.float64 if inputs[0].type == "tensor(double)" else np.float32
+        self.dtype = np.dtype(self.input_dtype)
         width = inputs[0].shape[-1] if len(inputs[0].shape) == 2 else None
         self.n_features = width if isinstance(width, int) else None
         names = [o.name for o in self.session.get_outputs()]
@@ -70,14 +71,16 @@ class OnnxRuntime:
         self.run_options = ort.RunOptions()
 
     def run(self, X: np.ndarray) -> Outputs:
-        if X.dtype != self.input_dtype:
-            X = X.astype(self.input_dtype)
+        if X.dtype is not self.dtype:  # builtin dtypes are singletons: no comparison call
+            X = X.astype(self.dtype)
         results = self.run_graph(self.fetch, {self.input_name: X}, self.run_options)
         labels = results[0] if self.label_output else None
         proba = results[-1] if self.proba_output and self.task == "classification" else None
         if labels is None:
             labels = self.classes[proba.argmax(axis=1)] if self.classes is not None else proba.argmax(axis=1)
-        return Outputs(labels.reshape(len(X)), proba)
+        elif labels.ndim != 1:  # regressors answer [n, 1]
+            labels = labels.reshape(len(X))
+        return Outputs(labels, proba)
 
 
 class SklearnRuntime:

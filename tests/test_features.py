@@ -34,15 +34,22 @@ def refused(call, *args, kind=InvalidFeatures) -> str:
 
 # --- one row ------------------------------------------------------------------
 
+def as_matrix(row):
+    return features.matrix((row,), "features")
+
+
 def test_single_list(model):
-    X = features.single(model, ROW)
+    row = features.single(model, ROW)
+    X = as_matrix(row)
     assert X.dtype == np.float32 and X.shape == (1, 4)
     assert X.tolist() == [[np.float32(v).item() for v in ROW]]
+    # the packed bytes used for cache keys are exactly what the model sees
+    assert model.row_format.pack(*row) == X.tobytes()
 
 
 def test_single_integers_and_mixed(model):
-    assert features.single(model, [5, 3, 1, 0]).tolist() == [[5.0, 3.0, 1.0, 0.0]]
-    assert features.single(model, [5, 3.5, 1, 0.25]).tolist() == [[5.0, 3.5, 1.0, 0.25]]
+    assert as_matrix(features.single(model, [5, 3, 1, 0])).tolist() == [[5.0, 3.0, 1.0, 0.0]]
+    assert as_matrix(features.single(model, [5, 3.5, 1, 0.25])).tolist() == [[5.0, 3.5, 1.0, 0.25]]
 
 
 def test_single_dict_in_any_order_equals_list(model):
@@ -55,8 +62,9 @@ def test_single_dict_in_any_order_equals_list(model):
 
 def test_single_float32_extremes_are_accepted(model):
     biggest = float(np.finfo(np.float32).max)
-    X = features.single(model, [biggest, -biggest, 1e-45, 0.0])
-    assert np.isfinite(X).all()
+    row = features.single(model, [biggest, -biggest, 1e-45, 0.0])
+    assert np.isfinite(as_matrix(row)).all()
+    assert model.row_format.pack(*row) == as_matrix(row).tobytes()
 
 
 @pytest.mark.parametrize("value", ["5.1,3.5,1.4,0.2", 5.1, None, True, (5.1,)])
@@ -154,7 +162,7 @@ def test_batch_slow_path_dict_rows_equal_list_rows(model):
 
 
 def test_batch_single_row_equals_single(model):
-    assert np.array_equal(features.batch(model, [ROW], 1), features.single(model, ROW))
+    assert np.array_equal(features.batch(model, [ROW], 1), as_matrix(features.single(model, ROW)))
 
 
 @pytest.mark.parametrize("rows", [{"0": ROW}, "rows", None, 5, ROW[0]])
