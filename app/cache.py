@@ -38,9 +38,13 @@ class Generations:
 
     def __init__(self, slots: int = GENERATION_SLOTS):
         self.counters = RawArray("Q", slots)
+        self.slots: dict[str, int] = {}
 
     def slot(self, name: str) -> int:
-        return zlib.crc32(name.encode()) % len(self.counters)
+        slot = self.slots.get(name)
+        if slot is None:
+            slot = self.slots[name] = zlib.crc32(name.encode()) % len(self.counters)
+        return slot
 
     def current(self, name: str) -> int:
         return self.counters[self.slot(name)]
@@ -199,13 +203,22 @@ class RedisStore:
 
 
 class PredictionCache:
+    """Keys are the model's prefix (name and version) followed by the row's
+    float32 bytes. L1 uses them as they are (a dict lookup hashes them for
+    free); Redis gets a fixed-size key, the prefix and a blake2b of the bytes,
+    computed only when L1 misses."""
+
     def __init__(self, l1: LRU | None, l2: RedisStore | None, generations: Generations, metrics: Metrics):
         self.l1, self.l2, self.generations, self.metrics = l1, l2, generations, metrics
 
     @staticmethod
-    def key(prefix: bytes, row) -> bytes:
-        """row: the float32 bytes of one row (bytes, or a contiguous float32 array)."""
-        return prefix + hashlib.blake2b(row, digest_size=16).hexdigest().encode()
+    def key(prefix: bytes, row: bytes) -> bytes:
+        """row: the float32 bytes of one row, as the model sees it."""
+        return prefix + row
+
+    @staticmethod
+    def shared_key(prefix: bytes, key: bytes) -> bytes:
+        return prefix + hashlib.blake2b(key[len(prefix):], digest_size=16).hexdigest().encode()
 
     def get(self, model, key: bytes) -> tuple[str | None, bytes | None]:
         """(level, value) of a hit, or (None, None)."""
@@ -216,7 +229,7 @@ class PredictionCache:
             if value is not None:
                 return "l1", value
         if self.l2 is not None:
-            value = self.l2.get(key)
+            value = self.l2.get(self.shared_key(model.cache_prefix, key))
             self.metrics.cache_lookup("l2", model.name, value is not None)
             if value is not None:
                 if self.l1 is not None:
@@ -228,7 +241,7 @@ class PredictionCache:
         if self.l1 is not None:
             self.l1.put(key, self.generations.current(model.name), value)
         if self.l2 is not None:
-            self.l2.put_many([(key, value)])
+            self.l2.put_many([(self.shared_key(model.cache_prefix, key), value)])
 
     def get_many(self, model, keys: list[bytes]) -> list[tuple[str | None, bytes | None]]:
         generation = self.generations.current(model.name)
@@ -243,7 +256,7 @@ class PredictionCache:
             self.metrics.cache_lookup("l1", model.name, True, len(keys) - len(missing))
             self.metrics.cache_lookup("l1", model.name, False, len(missing))
         if self.l2 is not None and missing:
-            values = self.l2.get_many([keys[i] for i in missing])
+            values = self.l2.get_many([self.shared_key(model.cache_prefix, keys[i]) for i in missing])
             hits = 0
             for i, value in zip(missing, values):
                 if value is not None:
@@ -261,7 +274,7 @@ class PredictionCache:
             for key, value in items:
                 self.l1.put(key, generation, value)
         if self.l2 is not None and items:
-            self.l2.put_many(items)
+            self.l2.put_many([(self.shared_key(model.cache_prefix, key), value) for key, value in items])
 
     def invalidate_local(self, name: str | None) -> None:
         """Drop L1 entries of one model (or all) in every worker of this host."""

@@ -14,6 +14,9 @@ from app.loader import LoadedModel
 from app.registry import Registry
 
 
+CACHE_LEVELS = {None: b"false", "l1": b'"l1"', "l2": b'"l2"'}
+
+
 class Predictor:
     def __init__(self, registry: Registry, max_batch_rows: int, cache: PredictionCache | None = None):
         self.registry = registry
@@ -53,15 +56,11 @@ class Predictor:
                 self.cache.put(model, key, scored)
         else:
             scored = score(model, row)
-        tail = orjson.dumps({
-            "model_name": model.name,
-            "model_version": model.version,
-            "timestamp": utc_now(),
-            "from_cache": level or False,
-            "latency_ms": (time.perf_counter() - started) * 1000.0,
-        })
-        # Both halves are JSON objects: join them into one without re-encoding.
-        return model, scored[:-1] + b"," + tail[1:]
+        # PERF: one bytes format: the scored object (less its closing brace),
+        # the model's fixed fields, then what changes per request.
+        return model, b'%s%s%s","from_cache":%s,"latency_ms":%.4f}' % (
+            scored[:-1], model.response_head, utc_now().encode(), CACHE_LEVELS[level],
+            (time.perf_counter() - started) * 1000.0)
 
     def batch_predict(self, body: dict, started: float) -> tuple[LoadedModel, bytes]:
         model = self.model_for(body)
@@ -88,7 +87,8 @@ class Predictor:
 
     def batch_through_cache(self, model: LoadedModel, X: np.ndarray) -> tuple[list, list | None, dict]:
         """Rows found in L1/L2 are reused; the rest run in one call and are written back together."""
-        keys = [self.cache.key(model.cache_prefix, row) for row in X]
+        data, width = X.tobytes(), X.shape[1] * 4
+        keys = [self.cache.key(model.cache_prefix, data[i:i + width]) for i in range(0, len(data), width)]
         found = self.cache.get_many(model, keys)
         missing = [i for i, (_, value) in enumerate(found) if value is None]
         rows: list = [None] * len(X)

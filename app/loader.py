@@ -37,12 +37,15 @@ class LoadedModel:
     class_keys: list[str] | None = field(init=False)
     cache_prefix: bytes = field(init=False)
     row_format: struct.Struct = field(init=False)
+    response_head: bytes = field(init=False)
     cacheable: bool = field(init=False)
 
     def __post_init__(self):
         self.feature_index = {n: i for i, n in enumerate(self.feature_names)}
         self.class_keys = [str(c) for c in self.classes] if self.classes is not None else None
         self.cache_prefix = f"{CACHE_KEY_PREFIX}{self.name}:{self.version}:".encode()
+        # The fixed fields of this model's predict responses (names are [a-z0-9_-]).
+        self.response_head = f',"model_name":"{self.name}","model_version":{self.version},"timestamp":"'.encode()
         # One row as the float32 bytes the model sees (numpy's tobytes() of it).
         self.row_format = struct.Struct(f"<{len(self.feature_names)}f")
         # A model whose metadata says it is not deterministic is never cached.

@@ -67,14 +67,24 @@ def test_generations_bump_one_model_or_all():
 
 def test_keys_differ_by_version_and_by_the_float32_features():
     row = np.array([5.1, 3.5, 1.4, 0.2], dtype=np.float32)
-    v1 = PredictionCache.key(b"mlserve:p:iris:1:", row)
-    assert v1 == PredictionCache.key(b"mlserve:p:iris:1:", row.copy())
-    assert v1 != PredictionCache.key(b"mlserve:p:iris:2:", row)
-    assert v1 != PredictionCache.key(b"mlserve:p:iris:1:", np.nextafter(row, 10, dtype=np.float32))
+    key = lambda prefix, r: PredictionCache.key(prefix, r.tobytes())  # noqa: E731
+    v1 = key(b"mlserve:p:iris:1:", row)
+    assert v1 == key(b"mlserve:p:iris:1:", row.copy())
+    assert v1 != key(b"mlserve:p:iris:2:", row)
+    assert v1 != key(b"mlserve:p:iris:1:", np.nextafter(row, 10, dtype=np.float32))
     # 5.1 as float64 rounds to the same float32 the model sees: same key.
     same = np.array([5.1000000001, 3.5, 1.4, 0.2]).astype(np.float32)
-    assert v1 == PredictionCache.key(b"mlserve:p:iris:1:", same)
+    assert v1 == key(b"mlserve:p:iris:1:", same)
     assert v1.startswith(b"mlserve:p:iris:1:")
+
+
+def test_shared_keys_are_fixed_size_and_keep_the_model_prefix():
+    prefix = b"mlserve:p:wine:3:"
+    wide = PredictionCache.key(prefix, np.arange(13, dtype=np.float32).tobytes())
+    shared = PredictionCache.shared_key(prefix, wide)
+    assert shared.startswith(prefix) and len(shared) == len(prefix) + 32
+    other = PredictionCache.key(prefix, np.arange(1, 14, dtype=np.float32).tobytes())
+    assert PredictionCache.shared_key(prefix, other) != shared
 
 
 def test_cache_without_l2_serves_l1_and_counts_lookups():
