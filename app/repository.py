@@ -5,15 +5,18 @@ version that could become a path is validated here first.
 """
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from app.errors import InvalidModel, ModelNotFound, VersionNotFound
 
@@ -22,6 +25,7 @@ VERSION_RE = re.compile(r"[1-9][0-9]{0,17}")
 ARTIFACTS = ("model.onnx", "model.joblib", "model.pkl")
 SOURCE_FORMATS = {"model.onnx": "onnx", "model.joblib": "joblib", "model.pkl": "pickle"}
 METADATA = "metadata.json"
+SERVING = "serving.json"
 
 
 def is_valid_name(name: Any) -> bool:
@@ -107,8 +111,12 @@ class ModelRepository:
             raise InvalidModel(f"{name} v{version}: artifact must be one of {', '.join(ARTIFACTS)}")
         return ModelVersion(name, version, path, metadata)
 
-    def add_version(self, name: str, files: dict[str, Path], metadata: dict) -> ModelVersion:
-        """Copy files into the next version directory with metadata; atomic by rename."""
+    def add_version(self, name: str, files: dict[str, Path], metadata: dict,
+                    check: Callable[[ModelVersion], None] | None = None,
+                    by: str = "", reason: str = "") -> ModelVersion:
+        """Copy files into the next version directory with metadata; atomic by
+        rename, after check (if given) accepted the staged version. The first
+        version of a model becomes its serving version."""
         check_name(name)
         folder = self.root / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -120,16 +128,53 @@ class ModelRepository:
             version = self.next_version(name)
             metadata = {**metadata, "name": name, "version": version}
             (staging / METADATA).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+            if check is not None:
+                check(ModelVersion(name, version, staging, {"artifact": find_artifact(staging), **metadata}))
             os.rename(staging, folder / str(version))
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        first = self.serving_state(name) is None
+        self.record(name, "publish", version, by, reason, {"version": version} if first else {})
         return self.get(name, version)
+
+    def serving_state(self, name: str) -> dict | None:
+        """The model's serving.json: version, previous, split, shadow, history; None if absent."""
+        path = self.root / check_name(name) / SERVING
+        try:
+            state = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise InvalidModel(f"{name}: unreadable {SERVING} ({exc})") from None
+        return state if isinstance(state, dict) else None
+
+    def record(self, name: str, action: str, version: int | None, by: str, reason: str, changes: dict) -> dict:
+        """Apply changes to serving.json and append who/when/why to its history."""
+        state = self.serving_state(name) or {"version": None, "previous": None, "split": None,
+                                             "shadow": None, "history": []}
+        state.update(changes)
+        state["history"].append({"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                 "by": by or default_actor(), "action": action, "version": version,
+                                 "reason": reason or None})
+        path = self.root / name / SERVING
+        tmp = path.with_name(f".{SERVING}.{os.getpid()}")
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        os.replace(tmp, path)  # readers never see half a file
+        return state
 
     def next_version(self, name: str) -> int:
         folder = self.root / name
         taken = [int(p.name) for p in folder.iterdir() if VERSION_RE.fullmatch(p.name)] if folder.is_dir() else []
         return max(taken, default=0) + 1
+
+
+def default_actor() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
 
 
 def find_artifact(path: Path) -> str:

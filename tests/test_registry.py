@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from app.errors import ModelNotFound, ModelNotReady, VersionNotFound
-from app.registry import Registry, read_model_config
+from app.registry import ModelPlan, Registry, read_model_config
 from app.repository import ModelRepository
 from app.settings import SettingError
 from tests.models import TOLERANCE, edit_metadata, flip_byte, native_model, quick_classifier
@@ -21,6 +21,9 @@ def repo(tmp_path_factory) -> ModelRepository:
     quick_classifier(repo, "broken")
     bad = quick_classifier(repo, "broken", C=10.0)
     flip_byte(bad.path / "model.onnx")
+    # Each later version was promoted (published versions wait for that).
+    for name, version in (("alpha", 3), ("broken", 2)):
+        repo.record(name, "promote", version, "test", "", {"version": version})
     return repo
 
 
@@ -39,17 +42,17 @@ def write_config(tmp_path, text: str):
 # config/models.yaml
 
 def test_missing_config_serves_every_model_in_the_repository(repo, tmp_path):
-    assert read_model_config(tmp_path / "absent.yaml", repo) == {"alpha": None, "beta": None, "broken": None}
+    assert read_model_config(tmp_path / "absent.yaml", repo) == {"alpha": ModelPlan(), "beta": ModelPlan(), "broken": ModelPlan()}
 
 
 @pytest.mark.parametrize("text", ["", "# nothing\n", "models:\n", "models: {}\n", "other: 1\n"])
 def test_config_without_models_serves_every_model(repo, tmp_path, text):
-    assert read_model_config(write_config(tmp_path, text), repo) == {"alpha": None, "beta": None, "broken": None}
+    assert read_model_config(write_config(tmp_path, text), repo) == {"alpha": ModelPlan(), "beta": ModelPlan(), "broken": ModelPlan()}
 
 
 def test_config_lists_models_and_pins(repo, tmp_path):
     path = write_config(tmp_path, "models:\n  alpha:\n    version: 2\n  beta: {}\n  gamma:\n")
-    assert read_model_config(path, repo) == {"alpha": 2, "beta": None, "gamma": None}
+    assert read_model_config(path, repo) == {"alpha": ModelPlan(2), "beta": ModelPlan(), "gamma": ModelPlan()}
 
 
 @pytest.mark.parametrize("name", ["Alpha", "../alpha", "a/b", "x" * 65, "_a", "'a b'"])
@@ -216,8 +219,20 @@ def test_reload_picks_up_a_new_version(tmp_path):
     assert r.resolve("m").version == 1
     quick_classifier(repo, "m", C=0.5)
     r.load_model("m")
+    # Published, loaded (requests may pin it), not serving until promoted.
+    assert r.resolve("m").version == 1 and r.resolve("m", 2).version == 2
+    repo.record("m", "promote", 2, "test", "", {"version": 2, "previous": 1})
+    r.load_model("m")
     assert r.resolve("m").version == 2
     assert r.not_ready() == {}
+
+
+def test_a_model_without_serving_state_serves_its_newest_version(tmp_path):
+    repo = ModelRepository(tmp_path)
+    quick_classifier(repo, "m")
+    quick_classifier(repo, "m", C=0.5)
+    (tmp_path / "m" / "serving.json").unlink()  # versions copied in by hand
+    assert registry(repo, {"m": None}).resolve("m").version == 2
 
 
 def test_a_model_fixed_on_disk_becomes_ready_on_reload(tmp_path):
