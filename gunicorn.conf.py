@@ -20,7 +20,12 @@ from app import settings as settings_module  # noqa: E402
 try:
     _settings = settings_module.load()
 except settings_module.SettingError as exc:
-    sys.exit(f"mlserve: bad setting: {exc}")
+    _settings = getattr(settings_module, "last_good", None)
+    if _settings is None:
+        sys.exit(f"mlserve: bad setting: {exc}")
+    # A bad edit before a SIGHUP must not take down a running server.
+    print(f"mlserve: bad setting, keeping the running settings: {exc}", file=sys.stderr)
+settings_module.last_good = _settings
 
 _server = _settings.server
 PR_SET_PDEATHSIG = 1
@@ -39,7 +44,7 @@ graceful_timeout = _server.graceful_timeout
 keepalive = _server.keepalive
 max_requests = _server.max_requests
 max_requests_jitter = _server.max_requests_jitter
-pidfile = _server.pid_file or None
+pidfile = _settings.pid_path
 accesslog = "-" if _settings.monitoring.access_log else None
 loglevel = _settings.monitoring.log_level
 # Hot swap and shutdown go through signals; no second control channel.
@@ -65,6 +70,19 @@ def on_starting(server):
 
 
 def when_ready(server):
+    freeze()
+
+
+def on_reload(server):
+    # SIGHUP: the master loads what changed, then Gunicorn forks new workers
+    # from it and retires the old ones gracefully.
+    from app.wsgi import service
+
+    service.reload()
+    freeze()
+
+
+def freeze():
     # Objects allocated while loading models move to a permanent generation, so
     # the collector never touches (and copies) their pages in the workers.
     gc.collect()

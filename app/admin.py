@@ -8,9 +8,12 @@ import falcon
 
 from app.cache import PredictionCache
 from app.control import ControlChannel
-from app.errors import Forbidden, InvalidField, ModelNotFound, Unauthorized
+from app.errors import Conflict, Forbidden, InvalidField, ModelNotFound, Unauthorized
+from app.lifecycle import Lifecycle
 from app.registry import Registry
+from app.repository import is_valid_name
 from app.resources import read_json, send
+from app.swap import SwapTrigger
 
 
 class AdminAuth:
@@ -50,3 +53,50 @@ class CacheInvalidate:
             deleted = self.cache.invalidate_shared(name)
         notified = self.control.publish({"op": "invalidate", "model": name})
         send(resp, {"invalidated": name or "all", "l2_deleted": deleted, "workers_notified": notified})
+
+
+class ModelAction:
+    """POST /api/v1/admin/models/{name}/{action}, action one of:
+    promote {"version": N}, rollback {}, split {"weights": {"1": 90, "2": 10}} ({} or null ends it),
+    shadow {"version": N} (null stops it), reload {}. Each may carry a "reason".
+    The change is checked (the version loads and verifies) before it is made;
+    then every server reloads."""
+    endpoint = "admin_model"
+    ACTIONS = ("promote", "rollback", "split", "shadow", "reload")
+
+    def __init__(self, auth: AdminAuth, registry: Registry, lifecycle: Lifecycle, swap: SwapTrigger,
+                 max_body_bytes: int):
+        self.auth, self.registry, self.lifecycle, self.swap = auth, registry, lifecycle, swap
+        self.limit = max_body_bytes
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, name: str, action: str) -> None:
+        self.auth.check(req)
+        if action not in self.ACTIONS:
+            raise falcon.HTTPNotFound(description=f"no admin action {action[:40]!r}; one of {', '.join(self.ACTIONS)}")
+        if not is_valid_name(name) or name not in self.registry.plan:
+            raise ModelNotFound(f"no model named {name[:80]!r} is configured", available=sorted(self.registry.plan))
+        body = read_json(req, self.limit) if req.content_length else {}
+        reason = body.get("reason") or ""
+        if type(reason) is not str:
+            raise InvalidField("reason must be a string")
+        by = f"admin-api@{req.remote_addr}"
+        state = self.apply(name, action, body, by, reason)
+        send(resp, {"model": name, "action": action, "serving_version": state.get("version"),
+                    "previous_version": state.get("previous"), "split": state.get("split") or None,
+                    "shadow_version": state.get("shadow"), "swap": self.swap.request(f"{action} {name}")})
+
+    def apply(self, name: str, action: str, body: dict, by: str, reason: str) -> dict:
+        pinned = self.registry.plan[name]
+        if action in ("promote", "rollback") and pinned.version is not None or \
+                action == "split" and pinned.split is not None or action == "shadow" and pinned.shadow is not None:
+            raise Conflict(f"{name}'s {'version' if action in ('promote', 'rollback') else action} is pinned "
+                           "in config/models.yaml; change it there")
+        if action == "promote":
+            return self.lifecycle.promote(name, body.get("version"), by, reason)
+        if action == "rollback":
+            return self.lifecycle.rollback(name, by, reason)
+        if action == "split":
+            return self.lifecycle.split(name, body.get("weights"), by, reason)
+        if action == "shadow":
+            return self.lifecycle.shadow(name, body.get("version"), by, reason)
+        return self.lifecycle.repository.serving_state(name) or {}

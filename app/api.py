@@ -14,24 +14,36 @@ from app.cache import PredictionCache
 from app.control import ControlChannel
 from app.errors import ServingError
 from app.inference import Predictor
+from app.lifecycle import Lifecycle
 from app.metrics import Metrics
 from app.ratelimit import RateLimit
 from app.registry import Registry
 from app.settings import Settings
+from app.shadow import ShadowScorer
+from app.swap import SwapTrigger
 
 log = logging.getLogger(__name__)
 
 
-class RequestMetrics:
-    """Times every request and counts it by model, version, endpoint and status."""
+class Drain:
+    """Set when this worker is retiring: responses then close their connection."""
+    active = False
 
-    def __init__(self, metrics: Metrics):
+
+class RequestMetrics:
+    """Times every request and counts it by model, version, endpoint and
+    status; while the worker drains, asks every client to reconnect."""
+
+    def __init__(self, metrics: Metrics, drain: Drain):
         self.metrics = metrics
+        self.drain = drain
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.started = time.perf_counter()
 
     def process_response(self, req, resp, resource, req_succeeded) -> None:
+        if self.drain.active:
+            resp.set_header("Connection", "close")
         model = req.context.get("model")
         self.metrics.observe(model.name if model else "", str(model.version) if model else "",
                              getattr(resource, "endpoint", "none"), resp.status_code,
@@ -39,8 +51,10 @@ class RequestMetrics:
 
 
 def create_app(settings: Settings, registry: Registry, metrics: Metrics, started: float | None = None, *,
-               cache: PredictionCache | None = None, control: ControlChannel | None = None) -> falcon.App:
-    middleware: list = [RequestMetrics(metrics)]
+               cache: PredictionCache | None = None, control: ControlChannel | None = None,
+               lifecycle: Lifecycle | None = None, swap: SwapTrigger | None = None,
+               shadow: ShadowScorer | None = None, drain: Drain | None = None) -> falcon.App:
+    middleware: list = [RequestMetrics(metrics, drain or Drain())]
     if settings.server.cors_origins:
         origins = settings.server.cors_origins
         middleware.append(falcon.CORSMiddleware(
@@ -50,7 +64,7 @@ def create_app(settings: Settings, registry: Registry, metrics: Metrics, started
         middleware.append(RateLimit(limits.requests_per_second, limits.burst, settings.redis.url))
     app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
-    predictor = Predictor(registry, settings.server.max_batch_rows, cache)
+    predictor = Predictor(registry, settings.server.max_batch_rows, cache, shadow)
     control = control or ControlChannel("")
     limit = settings.server.max_body_bytes
     app.add_route("/api/v1/predict", resources.Predict(predictor, limit))
@@ -61,6 +75,8 @@ def create_app(settings: Settings, registry: Registry, metrics: Metrics, started
     app.add_route("/ready", resources.Ready(registry))
     auth = admin.AdminAuth(settings.server.admin_token)
     app.add_route("/api/v1/admin/cache/invalidate", admin.CacheInvalidate(auth, registry, cache, control, limit))
+    if lifecycle is not None and swap is not None:
+        app.add_route("/api/v1/admin/models/{name}/{action}", admin.ModelAction(auth, registry, lifecycle, swap, limit))
     if settings.monitoring.prometheus_enabled:
         app.add_route("/metrics", resources.MetricsText(metrics))
     app.add_error_handler(Exception, handle_unexpected)

@@ -63,3 +63,12 @@ class Unauthorized(ServingError):
 
 class Forbidden(ServingError):
     status, code = 403, "forbidden"
+
+
+class Conflict(ServingError):
+    status, code = 409, "conflict"
+
+
+class ModelRefused(ServingError):
+    """A version that must not serve: it failed to load or to verify."""
+    status, code = 422, "model_refused"

@@ -12,18 +12,21 @@ from app.cache import PredictionCache
 from app.errors import InvalidField, MissingField
 from app.loader import LoadedModel
 from app.registry import Registry
+from app.shadow import ShadowScorer
 
 
 CACHE_LEVELS = {None: b"false", "l1": b'"l1"', "l2": b'"l2"'}
 
 
 class Predictor:
-    def __init__(self, registry: Registry, max_batch_rows: int, cache: PredictionCache | None = None):
+    def __init__(self, registry: Registry, max_batch_rows: int, cache: PredictionCache | None = None,
+                 shadow: ShadowScorer | None = None):
         self.registry = registry
         self.max_batch_rows = max_batch_rows
         self.cache = cache
+        self.shadow = shadow
 
-    def model_for(self, body: dict) -> LoadedModel:
+    def model_for(self, body: dict, routing_key: str | None = None) -> LoadedModel:
         name = body.get("model_name")
         if name is None:
             raise MissingField("model_name is required")
@@ -32,7 +35,17 @@ class Predictor:
         version = body.get("version")
         if version is not None and (type(version) is not int or version < 1):
             raise InvalidField("version must be a positive integer")
-        return self.registry.resolve(name, version)
+        key = body.get("routing_key", routing_key)
+        if key is not None and type(key) is not str:
+            raise InvalidField("routing_key must be a string")
+        return self.registry.resolve(name, version, key)
+
+    def mirror(self, body: dict, model: LoadedModel, X, labels) -> None:
+        """Hand the request to the model's shadow version, if it has one (and
+        the request did not pin a version)."""
+        shadow = self.registry.shadows.get(model.name)
+        if shadow is not None and self.shadow is not None and "version" not in body and shadow is not model:
+            self.shadow.submit(model, shadow, X, labels if isinstance(labels, list) else [labels])
 
     def caching(self, body: dict, model: LoadedModel) -> bool:
         use_cache = body.get("use_cache", True)
@@ -40,8 +53,8 @@ class Predictor:
             raise InvalidField("use_cache must be true or false")
         return use_cache and self.cache is not None and model.cacheable
 
-    def predict(self, body: dict, started: float) -> tuple[LoadedModel, bytes]:
-        model = self.model_for(body)
+    def predict(self, body: dict, started: float, routing_key: str | None = None) -> tuple[LoadedModel, bytes]:
+        model = self.model_for(body, routing_key)
         if "features" not in body:
             raise MissingField("features is required")
         row = features.single(model, body["features"])
@@ -56,14 +69,16 @@ class Predictor:
                 self.cache.put(model, key, scored)
         else:
             scored = score(model, row)
+        if model.name in self.registry.shadows:
+            self.mirror(body, model, row, orjson.loads(scored)["prediction"])
         # PERF: one bytes format: the scored object (less its closing brace),
         # the model's fixed fields, then what changes per request.
         return model, b'%s%s%s","from_cache":%s,"latency_ms":%.4f}' % (
             scored[:-1], model.response_head, utc_now().encode(), CACHE_LEVELS[level],
             (time.perf_counter() - started) * 1000.0)
 
-    def batch_predict(self, body: dict, started: float) -> tuple[LoadedModel, bytes]:
-        model = self.model_for(body)
+    def batch_predict(self, body: dict, started: float, routing_key: str | None = None) -> tuple[LoadedModel, bytes]:
+        model = self.model_for(body, routing_key)
         if "features_batch" not in body:
             raise MissingField("features_batch is required")
         X = features.batch(model, body["features_batch"], self.max_batch_rows)
@@ -73,6 +88,8 @@ class Predictor:
             out = model.runtime.run(X)
             probabilities = out.probabilities.tolist() if out.probabilities is not None else None
             labels, hits = out.labels.tolist(), {"l1": 0, "l2": 0}
+        if model.name in self.registry.shadows:
+            self.mirror(body, model, X, labels)
         return model, orjson.dumps({
             "predictions": labels,
             "probabilities": probabilities,

@@ -43,6 +43,13 @@ class Metrics:
                                    multiprocess_mode="livemax", registry=self.registry)
         self.breaker_transitions = Counter("mlserve_cache_breaker_transitions", "Circuit breaker state changes.",
                                            ["state"], registry=self.registry)
+        self.swaps = Counter("mlserve_model_swaps", "Model reloads by result (swapped, refused, unchanged).",
+                             ["model", "result"], registry=self.registry)
+        self.shadow_comparisons = Counter("mlserve_shadow_comparisons", "Shadow scoring by result (agree, disagree, error).",
+                                          ["model", "primary", "shadow", "result"], registry=self.registry)
+        self.shadow_diff = Histogram("mlserve_shadow_abs_diff", "Absolute difference of shadow and primary (regression).",
+                                     ["model", "primary", "shadow"], registry=self.registry,
+                                     buckets=(1e-6, 1e-4, 1e-3, 0.01, 0.1, 1.0, 10.0, 100.0))
         self.lock = threading.Lock()
         # (model, version, endpoint, status) -> [count, seconds, per-bucket counts]
         self.pending: dict[tuple, list] = {}
@@ -100,6 +107,23 @@ class Metrics:
 
         self.flusher = threading.Thread(target=loop, name="metrics-flush", daemon=True)
         self.flusher.start()
+
+    def swapped(self, results: list[tuple[str, str, str]]) -> None:
+        for model, result, _ in results:
+            self.swaps.labels(model, result).inc()
+
+    def shadow_compared(self, primary, shadow, agreed: list[bool], diffs: list[float] | None) -> None:
+        labels = (primary.name, str(primary.version), str(shadow.version))
+        agree = sum(agreed)
+        if agree:
+            self.shadow_comparisons.labels(*labels, "agree").inc(agree)
+        if len(agreed) - agree:
+            self.shadow_comparisons.labels(*labels, "disagree").inc(len(agreed) - agree)
+        for diff in diffs or ():
+            self.shadow_diff.labels(*labels).observe(diff)
+
+    def shadow_error(self, primary, shadow) -> None:
+        self.shadow_comparisons.labels(primary.name, str(primary.version), str(shadow.version), "error").inc()
 
     def set_serving(self, serving: dict) -> None:
         self.models_loaded.set(len(serving))

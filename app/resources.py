@@ -62,7 +62,8 @@ class Predict:
         self.limit = max_body_bytes
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        model, resp.data = self.predictor.predict(read_json(req, self.limit), req.context.started)
+        model, resp.data = self.predictor.predict(read_json(req, self.limit), req.context.started,
+                                                  req.get_header("X-Routing-Key"))
         req.context.model = model
         resp.content_type = JSON
 
@@ -71,7 +72,8 @@ class BatchPredict(Predict):
     endpoint = "batch_predict"
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        model, resp.data = self.predictor.batch_predict(read_json(req, self.limit), req.context.started)
+        model, resp.data = self.predictor.batch_predict(read_json(req, self.limit), req.context.started,
+                                                        req.get_header("X-Routing-Key"))
         req.context.model = model
         resp.content_type = JSON
 

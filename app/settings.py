@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -61,7 +62,7 @@ class Server:
     max_body_bytes: int = setting(1_048_576, "Largest request body accepted; larger gets 413.", between(64, 1 << 30))
     max_batch_rows: int = setting(10_000, "Most rows in one batch_predict; more gets 413.", between(1, 10_000_000))
     cors_origins: str = setting("", "Comma-separated origins allowed by CORS ('*' for any; empty: CORS off).")
-    pid_file: str = setting("", "Where the master writes its pid (empty: nowhere).")
+    pid_file: str = setting("", "Where the master writes its pid, read by the CLI to signal it (empty: <tmp>/mlserve-<port>.pid).")
     admin_token: str = setting("", "Bearer token for /api/v1/admin/* (empty: the admin API is off).")
 
 
@@ -119,6 +120,10 @@ class Settings:
     @property
     def bind(self) -> str:
         return f"{self.server.host}:{self.server.port}"
+
+    @property
+    def pid_path(self) -> str:
+        return self.server.pid_file or os.path.join(tempfile.gettempdir(), f"mlserve-{self.server.port}.pid")
 
 
 SECTION_CLASSES = {"server": Server, "redis": Redis, "cache": Cache, "models": Models,

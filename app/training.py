@@ -93,9 +93,11 @@ def reference_stats(X: np.ndarray, feature_names: list[str]) -> dict:
 
 def publish_estimator(repository: ModelRepository, name: str, estimator, X: np.ndarray,
                       feature_names: list[str], metrics: dict, tolerance: float = 1e-5,
-                      extra: dict | None = None) -> ModelVersion:
+                      extra: dict | None = None, check=None, by: str = "", reason: str = "",
+                      stats: dict | None = None) -> ModelVersion:
     """Save a fitted estimator as the next version of name, with its ONNX
-    conversion when verified equivalent on a reference sample of X."""
+    conversion when verified equivalent on a reference sample of X. check, if
+    given, may refuse the staged version before it is added."""
     task = task_of(estimator)
     rng = np.random.default_rng(0)
     sample = X[rng.choice(len(X), size=min(REFERENCE_ROWS, len(X)), replace=False)].astype(np.float32)
@@ -117,7 +119,7 @@ def publish_estimator(repository: ModelRepository, name: str, estimator, X: np.n
             "serving_runtime": "onnx" if graph else "sklearn",
             "conversion": verdict.as_dict(),
             "deterministic": True,
-            "reference_stats": reference_stats(X, feature_names),
+            "reference_stats": stats or reference_stats(X, feature_names),
             "reference_sample": sample.tolist(),
             **(extra or {}),
         }
@@ -125,7 +127,7 @@ def publish_estimator(repository: ModelRepository, name: str, estimator, X: np.n
             files["model.onnx"] = Path(tmp) / "model.onnx"
             files["model.onnx"].write_bytes(graph)
             metadata.update(onnx_artifact="model.onnx", onnx_sha256=sha256_of(files["model.onnx"]))
-        return repository.add_version(name, files, metadata)
+        return repository.add_version(name, files, metadata, check=check, by=by, reason=reason)
 
 
 def train_csv(repository: ModelRepository, csv_path: Path, target: str | None, name: str,

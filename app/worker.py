@@ -1,20 +1,24 @@
-"""meinheld's Gunicorn worker, with SIGTERM made graceful.
+"""meinheld's Gunicorn worker, with retirement made graceful.
 
-Gunicorn's master sends SIGTERM to ask workers to finish what they are doing
-and exit (SIGQUIT/SIGINT mean now). meinheld's own worker has these reversed:
-it exits at once on SIGTERM, cutting off requests in flight.
+Gunicorn's master sends SIGTERM to a worker it retires (SIGHUP swap,
+scale-down, shutdown) and expects it to finish what it is doing. meinheld
+catches SIGTERM in C when its loop starts and stops within a second, cutting
+keep-alive connections under their clients (and its own Gunicorn worker maps
+SIGTERM to an immediate exit). This worker takes SIGTERM back: from then on
+every response says Connection: close, so each client finishes its request
+and reconnects to a fresh worker, and the loop ends when the last one has.
 """
 from __future__ import annotations
+
+import signal
 
 from meinheld import server
 from meinheld.gmeinheld import MeinheldWorker as _MeinheldWorker
 
-# meinheld's stop(timeout) waits for every open connection, idle keep-alive
-# ones included, so it would always take the whole timeout. The request being
-# handled finishes before the loop runs again (the handler is synchronous);
-# this is the time left to flush responses and serve requests already sent.
+# Connections still open this long after SIGTERM (idle keep-alives) are closed.
 DRAIN_SECONDS = 1
 HTTP_BODY_CAP = 16 << 20
+TICK_SECONDS = 1
 
 
 class MeinheldWorker(_MeinheldWorker):
@@ -25,9 +29,22 @@ class MeinheldWorker(_MeinheldWorker):
         # without being read, so a client cannot make a worker buffer them.
         from app.wsgi import service
 
+        self.drain = service.drain
         server.set_max_content_length(max(HTTP_BODY_CAP, 4 * service.settings.server.max_body_bytes))
+        self.taken_back = False
+        server.schedule_call(0, self.tick)
         super().run()
 
+    def tick(self):
+        # Runs on meinheld's loop, after it installed its own SIGTERM handler.
+        # Python signal handlers run only while Python code runs, so this tick
+        # also bounds how long a SIGTERM to an idle worker waits: a second.
+        if not self.taken_back:
+            signal.signal(signal.SIGTERM, self.handle_exit)
+            self.taken_back = True
+        server.schedule_call(TICK_SECONDS, self.tick)
+
     def handle_exit(self, sig, frame):
+        self.drain.active = True
         self.alive = False
         server.stop(min(DRAIN_SECONDS, int(self.cfg.graceful_timeout)) or 1)

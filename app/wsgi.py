@@ -6,19 +6,26 @@ once and shared copy-on-write with the forked workers.
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import falcon
 import pybreaker
 
 from app import settings as settings_module
-from app.api import create_app
+from app.api import Drain, create_app
 from app.cache import LRU, BreakerMetrics, Generations, PredictionCache, RedisStore
 from app.control import ControlChannel
+from app.lifecycle import Lifecycle
 from app.metrics import Metrics
 from app.registry import Registry, read_model_config
 from app.repository import ModelRepository
+from app.shadow import ShadowScorer
+from app.swap import SwapTrigger
 
 log = logging.getLogger("mlserve")
 
@@ -30,17 +37,37 @@ class Service:
         self.settings = settings
         started = time.time()
         repository = ModelRepository(Path(settings.models.directory))
-        plan = read_model_config(Path(settings.models.config), repository)
-        self.registry = Registry(repository, plan, settings.models.verify_tolerance)
+        config = Path(settings.models.config)
+        self.registry = Registry(repository, read_model_config(config, repository),
+                                 settings.models.verify_tolerance, config_path=config)
         self.registry.load_all()
         self.metrics = Metrics()
         self.cache = build_cache(settings, self.metrics)
         self.control = ControlChannel(settings.redis.url, settings.redis.connect_timeout * 10)
         if self.cache is not None:
             self.control.on("invalidate", lambda message: self.cache.invalidate_local(message.get("model")))
-        self.app: falcon.App = create_app(settings, self.registry, self.metrics, started,
-                                          cache=self.cache, control=self.control)
-        log.info("loaded %d of %d models in %.2f s", len(self.registry.serving), len(plan), time.time() - started)
+        # Made in the master, so every worker of this host shares them.
+        self.swap = SwapTrigger(self.control, f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}",
+                                Path(tempfile.mkdtemp(prefix="mlserve-claims-")))
+        self.control.on("reload", self.swap.on_message)
+        self.drain = Drain()
+        self.app: falcon.App = create_app(
+            settings, self.registry, self.metrics, started, cache=self.cache, control=self.control,
+            lifecycle=Lifecycle(repository, settings.models.verify_tolerance), swap=self.swap,
+            shadow=ShadowScorer(self.metrics), drain=self.drain)
+        log.info("loaded %d of %d models in %.2f s", len(self.registry.serving), len(self.registry.plan),
+                 time.time() - started)
+
+    def reload(self) -> None:
+        """In the master, on SIGHUP: apply repository and config changes before
+        Gunicorn forks the new workers."""
+        started = time.time()
+        results = self.registry.refresh()
+        self.metrics.swapped(results)
+        for model, result, detail in results:
+            if result != "unchanged":
+                log.info("reload %s: %s (%s)", model, result, detail)
+        log.info("reloaded in %.2f s", time.time() - started)
 
     def on_worker_start(self) -> None:
         self.metrics.set_serving(self.registry.serving)

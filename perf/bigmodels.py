@@ -43,17 +43,19 @@ def is_built(directory: Path, name: str) -> bool:
 
 
 def ensure(directory: Path = DEFAULT_DIR, names: tuple[str, ...] = (MLP, FOREST, FOREST_SKLEARN)) -> dict:
-    """Build the models in names that directory lacks: {name: seconds taken, 0 when reused}."""
+    """Build the models in names that directory lacks: {name: seconds taken, None when reused}."""
     builders = {MLP: write_mlp, FOREST: write_forest, FOREST_SKLEARN: write_forest_sklearn}
     repository = ModelRepository(directory)
     taken = {}
     # The scikit-learn copy reuses the forest's joblib, so the forest comes first.
     needed = [FOREST] if FOREST_SKLEARN in names else []
     for name in dict.fromkeys([*needed, *names]):
+        if is_built(directory, name):
+            taken[name] = None
+            continue
+        print(f"building {name} in {directory} ...", file=sys.stderr, flush=True)
         started = time.monotonic()
-        if not is_built(directory, name):
-            print(f"building {name} in {directory} ...", file=sys.stderr, flush=True)
-            builders[name](repository)
+        builders[name](repository)
         taken[name] = round(time.monotonic() - started, 1)
     return {name: taken[name] for name in names}
 
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, seconds in ensure(args.out.resolve()).items():
         artifacts = sorted((args.out / name / "1").glob("model.*"))
         sizes = ", ".join(f"{f.name} {f.stat().st_size / 1e6:.0f} MB" for f in artifacts)
-        print(f"{name}: {sizes}" + (f" (built in {seconds} s)" if seconds else " (reused)"))
+        print(f"{name}: {sizes}" + (" (reused)" if seconds is None else f" (built in {seconds} s)"))
     return 0
 
 
