@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import IO, Callable
 
+from app import lifecycle_commands
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -43,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("name")
     add_url(info)
     info.set_defaults(run=cmd_models_info)
+
+    lifecycle_commands.add_commands(models)
 
     predict = sub.add_parser("predict", help="one prediction from a running server; prints the response JSON")
     predict.add_argument("model")

@@ -26,11 +26,18 @@ class Lifecycle:
         self.tolerance = tolerance
 
     def verify(self, name: str, version: int) -> None:
-        """Load and check a version as the server would; ModelRefused says why not."""
+        """Load and check a version as the server would, and that it takes the
+        serving version's features; ModelRefused says why not."""
         try:
-            load(self.repository.get(name, version), self.tolerance)
+            candidate = load(self.repository.get(name, version), self.tolerance)
         except InvalidModel as exc:
             raise ModelRefused(f"{name} v{version} refused: {exc}") from None
+        current = self.current(name)
+        if current and current != version:
+            names = self.repository.get(name, current).metadata.get("feature_names") or []
+            if names and len(names) != candidate.n_features:
+                raise ModelRefused(f"{name} v{version} refused: it takes {candidate.n_features} features, "
+                                   f"v{current} takes {len(names)}; clients would break")
 
     def current(self, name: str) -> int | None:
         state = self.repository.serving_state(check_name(name)) or {}

@@ -134,8 +134,13 @@ class ModelRepository:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        first = self.serving_state(name) is None
-        self.record(name, "publish", version, by, reason, {"version": version} if first else {})
+        if self.serving_state(name) is None:
+            # No serving state yet: what served before (the newest) still does;
+            # the first version of a new model serves at once.
+            older = [v for v in self.versions(name) if v != version]
+            self.record(name, "publish", version, by, reason, {"version": older[-1] if older else version})
+        else:
+            self.record(name, "publish", version, by, reason, {})
         return self.get(name, version)
 
     def serving_state(self, name: str) -> dict | None:

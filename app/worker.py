@@ -10,6 +10,8 @@ and reconnects to a fresh worker, and the loop ends when the last one has.
 """
 from __future__ import annotations
 
+import os
+import select
 import signal
 
 from meinheld import server
@@ -47,4 +49,37 @@ class MeinheldWorker(_MeinheldWorker):
     def handle_exit(self, sig, frame):
         self.drain.active = True
         self.alive = False
+        self.detach_listeners()
         server.stop(min(DRAIN_SECONDS, int(self.cfg.graceful_timeout)) or 1)
+
+    def detach_listeners(self):
+        """Take the listening sockets out of this process's epoll sets.
+
+        meinheld registers them with EPOLLEXCLUSIVE (one waiting worker is
+        woken per new connection) and its stop() leaves them registered, so a
+        retiring worker could be the one woken, ignore it, and leave the
+        connection unaccepted until another arrives. Removed here, the wake-up
+        goes to a worker that accepts."""
+        listeners = [s.fileno() for s in self.sockets]
+        for fd in epoll_fds():
+            try:
+                ep = select.epoll.fromfd(os.dup(fd))
+            except OSError:
+                continue
+            with ep:
+                for listener in listeners:
+                    try:
+                        ep.unregister(listener)
+                    except OSError:  # not in this set
+                        pass
+
+
+def epoll_fds() -> list[int]:
+    fds = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "anon_inode:[eventpoll]":
+                fds.append(int(name))
+        except OSError:
+            continue
+    return fds

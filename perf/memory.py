@@ -17,14 +17,17 @@ results.md); the markdown is also printed.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import platform
 import re
+import signal
 import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +47,9 @@ PER_WORKER = 1000
 PSS_GOAL_RATIO = 1.3
 USS_GOAL_MB = 30
 MAX_WORKERS = 8
-MAX_ROUNDS = 8
+CONNECTIONS_PER_WORKER = 4
+# Later rounds only make up for failed requests.
+MAX_ROUNDS = 3
 # app.metrics flushes each worker's request counts every second.
 FLUSH_WAIT = 1.5
 BASELINE = "iris_classifier"
@@ -66,7 +71,7 @@ def rollup(pid: int) -> dict[str, float]:
     return values
 
 
-def private_mappings(pid: int, top: int = 6) -> list[tuple[str, float]]:
+def private_mappings(pid: int, top: int = 5) -> list[tuple[str, float]]:
     """The mappings holding most of a process's private memory (MB): where
     the copies are, when a worker holds more than the baseline."""
     totals: dict[str, int] = {}
@@ -104,23 +109,80 @@ def is_prediction(key: str, model: str) -> bool:
             and labels.get("endpoint") == "predict" and labels.get("status") == "200")
 
 
-def send(url: str, body: bytes, connections: int, total: int) -> int:
-    """total POSTs over that many keep-alive connections, one thread each; the failures."""
-    per_connection = -(-total // connections)
+def owner(port: int, client_port: int, pids: list[int]) -> int | None:
+    """The worker holding the server end of the connection from client_port."""
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and int(fields[2].split(":")[1], 16) == client_port:
+            inode = fields[9]
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                if os.readlink(fd) == f"socket:[{inode}]":
+                    return pid
+            except OSError:  # closed while listed
+                continue
+    return None
+
+
+@contextmanager
+def paused(pids: list[int]):
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        # A signal takes effect when its process next runs; one still running
+        # could be woken for the new connection and stop before accepting it.
+        for pid in pids:
+            wait_stopped(pid)
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+def wait_stopped(pid: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "T":
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"worker {pid} did not stop")
+        time.sleep(0.001)
+
+
+def connect_to(server: Server, pid: int, pids: list[int]) -> http.client.HTTPConnection:
+    """A keep-alive connection served by worker pid. Idle meinheld workers race
+    to accept, and one of them usually wins nearly every connection; with the
+    other workers paused for the few milliseconds of the connect, pid is the
+    only one left to accept it."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    with paused([p for p in pids if p != pid]):
+        conn.request("GET", "/health")
+        conn.getresponse().read()
+    got = owner(server.port, conn.sock.getsockname()[1], pids)
+    if got != pid:
+        raise RuntimeError(f"connection meant for worker {pid} was accepted by {got}")
+    return conn
+
+
+def post_many(conn: http.client.HTTPConnection, body: bytes, n: int, failures: list[int]) -> None:
+    bad = 0
+    for _ in range(n):
+        try:
+            conn.request("POST", "/api/v1/predict", body, {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+            bad += response.status != 200
+        except (OSError, http.client.HTTPException):
+            bad += 1
+            conn.close()  # the next request opens a new one
+    failures.append(bad)
+
+
+def send(connections: dict[int, list], body: bytes, wanted: dict[int, int]) -> int:
+    """wanted[pid] predictions over pid's connections, one thread each, all at once; the failures."""
     failures: list[int] = []
-
-    def client() -> None:
-        bad = 0
-        with requests.Session() as session:
-            for _ in range(per_connection):
-                try:
-                    bad += session.post(url, data=body, headers={"Content-Type": "application/json"},
-                                        timeout=60).status_code != 200
-                except requests.RequestException:
-                    bad += 1
-        failures.append(bad)
-
-    threads = [threading.Thread(target=client) for _ in range(connections)]
+    threads = [threading.Thread(target=post_many, args=(conn, body, -(-wanted[pid] // len(conns)), failures))
+               for pid, conns in connections.items() if wanted[pid] > 0 for conn in conns]
     for t in threads:
         t.start()
     for t in threads:
@@ -129,18 +191,22 @@ def send(url: str, body: bytes, connections: int, total: int) -> int:
 
 
 def drive(server: Server, pids: list[int], model: str, body: bytes) -> dict:
-    """Send rounds of predictions until every worker has served PER_WORKER.
-    Each round opens new connections: a worker that accepted none of the
-    last round's gets another chance."""
-    metrics_dir, url = server.workdir / "metrics", server.url + "/api/v1/predict"
+    """Send predictions until every worker has served PER_WORKER, over
+    CONNECTIONS_PER_WORKER keep-alive connections to each worker."""
+    metrics_dir = server.workdir / "metrics"
+    connections = {pid: [connect_to(server, pid, pids) for _ in range(CONNECTIONS_PER_WORKER)] for pid in pids}
     cpu_before = {pid: usage.cpu_seconds(pid) for pid in pids}
     counts, sent, failures, rounds = served(metrics_dir, pids, model), 0, 0, 0
-    while min(counts.values()) < PER_WORKER and rounds < MAX_ROUNDS:
-        total = max(PER_WORKER - min(counts.values()), 50) * len(pids)
-        failures += send(url, body, 4 * len(pids), total)
-        sent, rounds = sent + total, rounds + 1
-        time.sleep(FLUSH_WAIT)
-        counts = served(metrics_dir, pids, model)
+    try:
+        while min(counts.values()) < PER_WORKER and rounds < MAX_ROUNDS:
+            wanted = {pid: max(0, PER_WORKER - n) for pid, n in counts.items()}
+            failures += send(connections, body, wanted)
+            sent, rounds = sent + sum(wanted.values()), rounds + 1
+            time.sleep(FLUSH_WAIT)
+            counts = served(metrics_dir, pids, model)
+    finally:
+        for conn in (c for conns in connections.values() for c in conns):
+            conn.close()
     cpu = {str(pid): round(usage.cpu_seconds(pid) - cpu_before[pid], 2) for pid in pids}
     return {"sent": sent, "failures": failures, "rounds": rounds,
             "served": {str(pid): n for pid, n in counts.items()}, "cpu_s": cpu}
@@ -204,14 +270,14 @@ def summarize(run: dict, baseline_uss: float | None, one_worker_pss: float | Non
     total = run["after"]["master"]["pss"] + sum(w["pss"] for w in workers)
     ratio = total / one_worker_pss if one_worker_pss else None
     beyond = max(uss) - baseline_uss if baseline_uss is not None else None
-    served_counts = run["load"]["served"].values()
+    served_counts, cpu = run["load"]["served"].values(), run["load"]["cpu_s"].values()
     return {"workers": run["workers"], "ready_s": run["ready_s"], "load_s": run["load_s"],
             "total_pss": total, "pss_ratio": ratio, "master_pss": run["after"]["master"]["pss"],
             "uss_max": max(uss), "uss_mean": sum(uss) / len(uss),
             "rss_mean": sum(w["rss"] for w in workers) / len(workers), "uss_beyond_max": beyond,
             "idle_uss_mean": mean_uss(run["idle"]), "served_min": min(served_counts),
-            "served_max": max(served_counts), "failures": run["load"]["failures"],
-            "restarted": run["restarted"], "pss_ok": ratio is None or ratio <= PSS_GOAL_RATIO,
+            "served_max": max(served_counts), "cpu_min": min(cpu), "cpu_max": max(cpu),
+            "failures": run["load"]["failures"], "restarted": run["restarted"], "pss_ok": ratio is None or ratio <= PSS_GOAL_RATIO,
             "uss_ok": beyond is None or beyond <= USS_GOAL_MB}
 
 
@@ -236,12 +302,13 @@ def summaries(runs: list[dict], baseline: list[dict] | None) -> list[dict]:
 
 def model_table(rows: list[dict], with_goals: bool) -> list[str]:
     header = ("workers", "ready s", "load s", "total PSS", "x 1 worker", "master PSS", "worker USS max",
-              "worker USS mean", "USS idle mean", "USS max - baseline", "served/worker", "errors")
+              "worker USS mean", "USS idle mean", "USS max - baseline", "served/worker", "CPU s/worker", "errors")
     goals = ("PSS goal", "USS goal") if with_goals else ()
     cells = [(r["workers"], f"{r['ready_s']:.2f}", report.num(r["load_s"], 2), report.num(r["total_pss"]),
               report.num(r["pss_ratio"], 2), report.num(r["master_pss"]), report.num(r["uss_max"], 1),
               report.num(r["uss_mean"], 1), report.num(r["idle_uss_mean"], 1),
               report.num(r["uss_beyond_max"], 1), f"{r['served_min']}-{r['served_max']}",
+              f"{r['cpu_min']:.1f}-{r['cpu_max']:.1f}",
               f"{r['failures']}{' (workers restarted)' if r['restarted'] else ''}",
               *((verdict(r["pss_ok"]), verdict(r["uss_ok"])) if with_goals else ())) for r in rows]
     return report.table(header + goals, cells)
@@ -253,8 +320,8 @@ def verdict(ok: bool) -> str:
 
 def section(title: str, runs: list[dict], rows: list[dict], with_goals: bool) -> list[str]:
     last = runs[-1]
-    mappings = ", ".join(f"{name} {mb:g}" for name, mb in last["worst_worker_private_mappings"])
-    return [f"## {title} (served by {runs[0]['runtime']})", "", *model_table(rows, with_goals), "",
+    mappings = ", ".join(f"{Path(name).name or name} {mb:g}" for name, mb in last["worst_worker_private_mappings"])
+    return [f"## {title}; served by {runs[0]['runtime']}", "", *model_table(rows, with_goals), "",
             f"Largest private mappings (MB) of the worker with the most USS at {last['workers']} workers: "
             f"{mappings}.", ""]
 
@@ -275,10 +342,13 @@ def method(meta: dict) -> list[str]:
         + ", ".join(f"{k} {v}" for k, v in h["packages"].items()),
         f"- each row: a fresh server (meinheld workers) serving only that model; every worker answered at least "
         f"{PER_WORKER} predictions (use_cache false; counted from each worker's metrics file) over "
-        "4 x workers keep-alive connections, then /proc/PID/smaps_rollup of the master and the workers was read",
+        f"{CONNECTIONS_PER_WORKER} keep-alive connections of its own (each opened while the other workers were "
+        "paused with SIGSTOP, so that it landed on that worker), all workers at once; then "
+        "/proc/PID/smaps_rollup of the master and the workers was read",
         "- MB = 2^20 bytes. total PSS = master + workers. USS = Private_Clean + Private_Dirty of one worker. "
         "'USS idle' is before the predictions. 'ready s': process start to the first 200 from /ready; "
-        "'load s': model loading in the master, from its log",
+        "'load s': model loading in the master, from its log; 'CPU s/worker': CPU seconds each worker used "
+        "while the predictions were sent (min-max)",
         f"- baseline: the same, serving only {BASELINE}; its mean worker USS at the same worker count is "
         "subtracted in 'USS max - baseline'",
         f"- goals: total PSS <= {PSS_GOAL_RATIO} x the 1-worker total (checked on every row; the goal is "
@@ -291,7 +361,7 @@ def render(meta: dict, baseline: list[dict], models: dict[str, list[dict]]) -> s
     if baseline:
         lines += section(f"Baseline: {BASELINE}", baseline, summaries(baseline, None), False)
     for name, runs in models.items():
-        lines += section(f"{name} ({meta['sizes'][name]})", runs, summaries(runs, baseline), True)
+        lines += section(f"{name}: {meta['sizes'][name]}", runs, summaries(runs, baseline), True)
     return "\n".join(lines) + "\n"
 
 
@@ -311,6 +381,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--models takes {', '.join(MODELS)}")
     if not args.workers or min(args.workers) < 1 or max(args.workers) > MAX_WORKERS:
         p.error(f"--workers must be between 1 and {MAX_WORKERS}")
+    if args.baseline and not (ROOT / "models" / BASELINE).is_dir():
+        p.error(f"the baseline needs models/{BASELINE}: run `make models` (or pass --no-baseline)")
     args.workers = sorted(set(args.workers))
     return args
 
@@ -323,6 +395,10 @@ def run_all(models_dir: Path, model: str, counts: list[int]) -> list[dict]:
     return runs
 
 
+def artifact_sizes(version_dir: Path) -> str:
+    return ", ".join(f"{f.name} {f.stat().st_size / 2**20:.0f} MB" for f in sorted(version_dir.glob("model.*")))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -330,8 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [MODELS[m] for m in args.models]
     models_dir = args.models_dir.resolve()
     built = bigmodels.ensure(models_dir, tuple(names))
-    sizes = {n: ", ".join(f"{f.name} {f.stat().st_size / 2**20:.0f} MB" for f in sorted((models_dir / n / "1").glob("model.*")))
-             for n in names}
+    sizes = {n: artifact_sizes(models_dir / n / "1") for n in names}
     meta = {"stamp": stamp, "host": describe_host(), "built_s": built, "sizes": sizes,
             "per_worker": PER_WORKER, "workers": args.workers}
     baseline = run_all(ROOT / "models", BASELINE, args.workers) if args.baseline else []

@@ -33,3 +33,23 @@ def publish(root: Path, name: str = "slow_model") -> Path:
         "runtime_reason": "test model; no ONNX conversion",
     }))
     return folder
+
+
+class ExplodingClassifier:
+    """Takes iris's four features and fails on every prediction."""
+    n_features_in_ = 4
+
+    def predict(self, X):
+        raise RuntimeError("this model cannot predict")
+
+
+def publish_exploding(folder: Path) -> Path:
+    """A version directory whose artifact loads but throws on its reference sample."""
+    folder.mkdir(parents=True)
+    joblib.dump(ExplodingClassifier(), folder / "model.joblib")
+    (folder / "metadata.json").write_text(json.dumps({
+        "task": "regression", "feature_names": ["sepal_length", "sepal_width", "petal_length", "petal_width"],
+        "artifact": "model.joblib", "sha256": sha256_of(folder / "model.joblib"),
+        "reference_sample": [[5.1, 3.5, 1.4, 0.2]],
+    }))
+    return folder
