@@ -149,6 +149,10 @@ class Registry:
     def switch(self, name: str, target: Target, versions: dict, refused: dict) -> tuple[str, str, str]:
         old = self.serving.get(name)
         new = versions.get(target.version)
+        if new is not None and old is not None and new.n_features != old.n_features:
+            # Clients send old.n_features values: a swap would break every one of them.
+            refused[target.version] = f"it takes {new.n_features} features, v{old.version} takes {old.n_features}"
+            new = None
         if new is None:
             reason = f"version {target.version} did not load: {refused.get(target.version, 'not in the repository')}"
             if old is not None:  # the old version keeps serving
