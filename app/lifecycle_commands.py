@@ -78,6 +78,9 @@ def guarded(cmd):
         except ServingError as exc:
             print(f"mlserve: {exc.code}: {exc.message}", file=sys.stderr)
             return 1
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            print(f"mlserve: {exc}", file=sys.stderr)
+            return 2
     return run
 
 
@@ -116,6 +119,8 @@ def cmd_split(args, settings, lifecycle) -> int:
 
 @guarded
 def cmd_shadow(args, settings, lifecycle) -> int:
+    if args.version != "off" and not args.version.isdigit():
+        raise ValueError(f"expected a version number or off, got {args.version!r}")
     version = None if args.version == "off" else int(args.version)
     lifecycle.shadow(args.name, version, reason=args.reason)
     return changed(settings, f"{args.name}: shadow {'off' if version is None else f'v{version}'}")
