@@ -35,6 +35,25 @@ def server(demo_models) -> Server:
 
 
 @pytest.fixture
+def client(server):
+    from app.client import MLClient
+
+    with MLClient(server.url) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def degraded_server(demo_models, tmp_path_factory):
+    """iris_classifier serving, ghost_model listed but absent from disk, batches capped at 5 rows."""
+    config = tmp_path_factory.mktemp("degraded") / "models.yaml"
+    config.write_text("models:\n  iris_classifier: {}\n  ghost_model: {}\n")
+    running = Server(demo_models, workers=1, models_config=config,
+                     env={"MLSERVE_SERVER_MAX_BATCH_ROWS": "5"}).start(ready=False)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
 def fresh_models(demo_models, tmp_path) -> Path:
     """A writable copy of the demo repository for tests that change it."""
     target = tmp_path / "models"

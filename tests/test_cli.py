@@ -10,28 +10,10 @@ import pytest
 from sklearn.datasets import load_diabetes, load_iris
 
 from app.cli import main
-from app.client import MLClient
-from tests.server import Server, free_port
+from tests.server import free_port
 
 IRIS_FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 DIABETES_FEATURES = ["age", "sex", "bmi", "bp", "s1", "s2", "s3", "s4", "s5", "s6"]
-
-
-@pytest.fixture
-def client(server):
-    with MLClient(server.url) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def degraded_server(demo_models, tmp_path_factory):
-    """iris_classifier serving, ghost_model listed but absent from disk, batches capped at 5 rows."""
-    config = tmp_path_factory.mktemp("degraded") / "models.yaml"
-    config.write_text("models:\n  iris_classifier: {}\n  ghost_model: {}\n")
-    running = Server(demo_models, workers=1, models_config=config,
-                     env={"MLSERVE_SERVER_MAX_BATCH_ROWS": "5"}).start(ready=False)
-    yield running
-    running.stop()
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

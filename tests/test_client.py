@@ -17,23 +17,6 @@ IRIS_FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 DEMO = ["binary_classifier", "diabetes_regressor", "iris_classifier", "wine_clusters"]
 
 
-@pytest.fixture
-def client(server):
-    with MLClient(server.url) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def degraded_server(demo_models, tmp_path_factory):
-    """iris_classifier serving, ghost_model listed but absent from disk, batches capped at 5 rows."""
-    config = tmp_path_factory.mktemp("degraded") / "models.yaml"
-    config.write_text("models:\n  iris_classifier: {}\n  ghost_model: {}\n")
-    running = Server(demo_models, workers=1, models_config=config,
-                     env={"MLSERVE_SERVER_MAX_BATCH_ROWS": "5"}).start(ready=False)
-    yield running
-    running.stop()
-
-
 @pytest.fixture(scope="module")
 def limited_server(demo_models):
     """Rate limited to a burst of 2 requests per 2 seconds per client."""
