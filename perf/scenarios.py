@@ -36,6 +36,7 @@ SCENARIOS = {s.name: s for s in (
     Scenario("batch_100", "/api/v1/batch_predict", rows=100, body_file=True),
     Scenario("batch_1000", "/api/v1/batch_predict", rows=1000, body_file=True),
     Scenario("predict_random", "/api/v1/predict"),
+    Scenario("predict_zipf", "/api/v1/predict"),
     Scenario("health", "/health", method="GET"),
 )}
 
@@ -68,7 +69,8 @@ def sample_body(scenario: Scenario) -> bytes | None:
         return batch_body(iris_rows(scenario.rows))
     return {"predict_uncached": predict_body(IRIS_ROW, False),
             "predict_cached": predict_body(IRIS_ROW, True),
-            "predict_random": predict_body(random_row(random.Random()), True)}.get(scenario.name)
+            "predict_random": predict_body(random_row(random.Random()), True),
+            "predict_zipf": predict_body(random_row(random.Random()), True)}.get(scenario.name)
 
 
 def write_bodies(directory: Path) -> dict[str, Path]:

@@ -10,6 +10,7 @@ import time
 import pytest
 import requests
 
+from app.repository import ModelRepository
 from tests.server import Server
 
 TOKEN = "test-admin-token"
@@ -84,6 +85,7 @@ def test_a_new_version_never_answers_from_the_old_versions_cache(fresh_models, r
         s.post(server.url + "/api/v1/predict", json=body())
         assert s.post(server.url + "/api/v1/predict", json=body()).json()["from_cache"] == "l1"
     shutil.copytree(fresh_models / "iris_classifier" / "1", fresh_models / "iris_classifier" / "2")
+    ModelRepository(fresh_models).record("iris_classifier", "promote", 2, "test", "", {"version": 2, "previous": 1})
     with served(fresh_models, redis_server.url) as server:
         s = requests.Session()
         fresh = s.post(server.url + "/api/v1/predict", json=body()).json()

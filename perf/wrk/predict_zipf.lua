@@ -1,0 +1,49 @@
+-- A mixed workload: inputs drawn from 10,000 distinct iris-like rows with a
+-- Zipf(1.1) popularity, use_cache true, so popular inputs hit the cache and
+-- the long tail misses (about 3 in 4 requests hit once the cache is warm).
+local common = dofile(debug.getinfo(1, "S").source:match("^@(.*/)") .. "common.lua")
+done = common.done
+common.post_json(nil)
+
+local N, S = 10000, 1.1
+local low = {4.3, 2.0, 1.0, 0.1}
+local span = {3.6, 2.4, 5.9, 2.4}
+local template = '{"model_name":"iris_classifier","features":[%.3f,%.3f,%.3f,%.3f],"use_cache":true}'
+local cumulative = {}
+
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("id", threads)
+end
+
+function init(args)
+  math.randomseed(os.time() * 1000 + (id or 0))
+  local total = 0
+  for k = 1, N do
+    total = total + 1 / k ^ S
+    cumulative[k] = total
+  end
+  for k = 1, N do
+    cumulative[k] = cumulative[k] / total
+  end
+end
+
+local function rank()
+  local u, lo, hi = math.random(), 1, N
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    if cumulative[mid] < u then lo = mid + 1 else hi = mid end
+  end
+  return lo
+end
+
+-- Row k is a fixed point of the iris ranges (the same k, the same row).
+local function feature(k, i)
+  return low[i] + span[i] * ((k * 0.6180339887 * i) % 1)
+end
+
+function request()
+  local k = rank()
+  return wrk.format(nil, nil, nil, string.format(template, feature(k, 1), feature(k, 2), feature(k, 3), feature(k, 4)))
+end
