@@ -39,11 +39,11 @@ class Target:
     split: dict[int, float] = field(default_factory=dict)
     shadow: int | None = None
     previous: int | None = None
-    newest: list[int] = field(default_factory=list)  # kept loaded so requests may pin them
+    on_disk: list[int] = field(default_factory=list)  # all kept loaded, so requests may pin any
 
     def versions(self) -> set[int]:
         """Every version that must be loaded; a failure of the first three is refused loudly."""
-        return {v for v in (self.version, self.shadow, self.previous, *self.split, *self.newest) if v}
+        return {v for v in (self.version, self.shadow, self.previous, *self.split, *self.on_disk) if v}
 
 
 def read_model_config(path: Path, repository: ModelRepository) -> dict[str, ModelPlan]:
@@ -82,18 +82,16 @@ def plan_of(path: Path, name, options) -> ModelPlan:
 
 class Registry:
     def __init__(self, repository: ModelRepository, plan: dict[str, ModelPlan], tolerance: float,
-                 keep_newest: int | None = None, config_path: Path | None = None):
+                 config_path: Path | None = None):
         self.repository = repository
         self.plan = {name: p if isinstance(p, ModelPlan) else ModelPlan(p) for name, p in plan.items()}
         self.tolerance = tolerance
-        self.keep_newest = keep_newest
         self.config_path = config_path
         self.loaded: dict[str, dict[int, LoadedModel]] = {}
         self.serving: dict[str, LoadedModel] = {}
         self.routes: dict[str, Route] = {}
         self.shadows: dict[str, LoadedModel] = {}
         self.failures: dict[str, str] = {}
-        self.swaps: list[tuple[str, str, str]] = []  # (model, result, detail) of the last refresh
 
     # --- loading ---------------------------------------------------------
 
@@ -108,10 +106,10 @@ class Registry:
                 self.plan = read_model_config(self.config_path, self.repository)
             except (SettingError, OSError, yaml.YAMLError) as exc:
                 log.error("kept the previous model list: %s", exc)
-        self.swaps = [self.load_model(name) for name in self.plan]
+        results = [self.load_model(name) for name in self.plan]
         for name in set(self.loaded) - set(self.plan):
             self.unload(name)
-        return self.swaps
+        return results
 
     def load_model(self, name: str) -> tuple[str, str, str]:
         try:
@@ -144,7 +142,7 @@ class Registry:
         previous = state.get("previous")
         return Target(version, {v: w for v, w in split.items() if v in on_disk},
                       shadow if shadow in on_disk else None, previous if previous in on_disk else None,
-                      on_disk if self.keep_newest is None else on_disk[len(on_disk) - self.keep_newest:])
+                      on_disk)
 
     def switch(self, name: str, target: Target, versions: dict, refused: dict) -> tuple[str, str, str]:
         old = self.serving.get(name)
