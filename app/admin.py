@@ -8,7 +8,7 @@ import falcon
 
 from app.cache import PredictionCache
 from app.control import ControlChannel
-from app.errors import Conflict, Forbidden, InvalidField, ModelNotFound, Unauthorized
+from app.errors import Forbidden, InvalidField, ModelNotFound, Unauthorized
 from app.lifecycle import Lifecycle
 from app.registry import Registry
 from app.repository import is_valid_name
@@ -86,11 +86,7 @@ class ModelAction:
                     "shadow_version": state.get("shadow"), "swap": self.swap.request(f"{action} {name}")})
 
     def apply(self, name: str, action: str, body: dict, by: str, reason: str) -> dict:
-        pinned = self.registry.plan[name]
-        if action in ("promote", "rollback") and pinned.version is not None or \
-                action == "split" and pinned.split is not None or action == "shadow" and pinned.shadow is not None:
-            raise Conflict(f"{name}'s {'version' if action in ('promote', 'rollback') else action} is pinned "
-                           "in config/models.yaml; change it there")
+        self.registry.plan[name].allow(name, action)
         if action == "promote":
             return self.lifecycle.promote(name, body.get("version"), by, reason)
         if action == "rollback":

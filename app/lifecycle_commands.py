@@ -60,6 +60,14 @@ def context():
     return settings, Lifecycle(ModelRepository(settings.models.directory), settings.models.verify_tolerance)
 
 
+def allow(settings, lifecycle, name: str, action: str) -> None:
+    """Refuse, as the admin API does, to change what config/models.yaml pins."""
+    from app.registry import ModelPlan, read_model_config
+
+    plans = read_model_config(Path(settings.models.config), lifecycle.repository)
+    plans.get(name, ModelPlan()).allow(name, action)
+
+
 def changed(settings, what: str) -> int:
     from app.swap import notify_servers
 
@@ -92,6 +100,7 @@ def cmd_publish(args, settings, lifecycle) -> int:
     runtime = mv.metadata.get("serving_runtime")
     state = lifecycle.repository.serving_state(args.name) or {}
     if args.promote and state.get("version") != mv.version:
+        allow(settings, lifecycle, args.name, "promote")
         lifecycle.promote(args.name, mv.version, reason=args.reason or "published with --promote")
         state = {"version": mv.version}
     serving = "serving" if state.get("version") == mv.version else f"not serving (promote with: mlserve models promote {args.name} {mv.version})"
@@ -100,18 +109,21 @@ def cmd_publish(args, settings, lifecycle) -> int:
 
 @guarded
 def cmd_promote(args, settings, lifecycle) -> int:
+    allow(settings, lifecycle, args.name, "promote")
     state = lifecycle.promote(args.name, args.version, reason=args.reason)
     return changed(settings, f"{args.name}: serving v{state['version']} (previous v{state['previous']})")
 
 
 @guarded
 def cmd_rollback(args, settings, lifecycle) -> int:
+    allow(settings, lifecycle, args.name, "rollback")
     state = lifecycle.rollback(args.name, reason=args.reason)
     return changed(settings, f"{args.name}: rolled back to v{state['version']}")
 
 
 @guarded
 def cmd_split(args, settings, lifecycle) -> int:
+    allow(settings, lifecycle, args.name, "split")
     weights = None if args.weights == "off" else parse_split(args.weights)
     state = lifecycle.split(args.name, weights, reason=args.reason)
     return changed(settings, f"{args.name}: split {state['split'] or 'off'}")
@@ -119,6 +131,7 @@ def cmd_split(args, settings, lifecycle) -> int:
 
 @guarded
 def cmd_shadow(args, settings, lifecycle) -> int:
+    allow(settings, lifecycle, args.name, "shadow")
     if args.version != "off" and not args.version.isdigit():
         raise ValueError(f"expected a version number or off, got {args.version!r}")
     version = None if args.version == "off" else int(args.version)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from app.errors import InvalidModel, ModelNotFound, ModelNotReady, VersionNotFound
+from app.errors import Conflict, InvalidModel, ModelNotFound, ModelNotReady, VersionNotFound
 from app.loader import LoadedModel, load
 from app.repository import ModelRepository, is_valid_name
 from app.routing import Route, parse_weights
@@ -30,6 +30,15 @@ class ModelPlan:
     version: int | None = None
     split: dict[int, float] | None = None
     shadow: int | None = None
+
+    def allow(self, name: str, action: str) -> None:
+        """Conflict when models.yaml pins what action would change: the
+        repository would record a change that no server applies."""
+        pinned = {"promote": self.version, "rollback": self.version, "split": self.split,
+                  "shadow": self.shadow}.get(action)
+        if pinned is not None:
+            what = "version" if action in ("promote", "rollback") else action
+            raise Conflict(f"{name}'s {what} is pinned in config/models.yaml; change it there")
 
 
 @dataclass

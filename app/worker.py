@@ -7,6 +7,14 @@ keep-alive connections under their clients (and its own Gunicorn worker maps
 SIGTERM to an immediate exit). This worker takes SIGTERM back: from then on
 every response says Connection: close, so each client finishes its request
 and reconnects to a fresh worker, and the loop ends when the last one has.
+
+The loop is stopped by the worker's tick, a timer on the loop, never from
+the signal handler itself: Python runs the handler wherever the main thread next runs
+bytecode, which can be a request that meinheld's accept callback started.
+That callback then goes on accepting queued connections and, for each,
+re-arms the read timeout on the listening socket (meinheld passes the
+listener's fd there), replacing the stop timer set a moment before; the
+worker then served the old model until Gunicorn's graceful timeout.
 """
 from __future__ import annotations
 
@@ -14,6 +22,9 @@ import os
 import select
 import signal
 
+# meinheld imports greenlet at its first request; imported here, it is done
+# once in the master rather than in each worker's first request.
+import greenlet  # noqa: F401
 from meinheld import server
 from meinheld.gmeinheld import MeinheldWorker as _MeinheldWorker
 
@@ -44,13 +55,18 @@ class MeinheldWorker(_MeinheldWorker):
         if not self.taken_back:
             signal.signal(signal.SIGTERM, self.handle_exit)
             self.taken_back = True
-        server.schedule_call(TICK_SECONDS, self.tick)
+        if self.alive:
+            server.schedule_call(TICK_SECONDS, self.tick)
+        else:
+            # meinheld's loop runs while anything is scheduled or connected:
+            # without a next tick it ends with the last connection, or when
+            # the drain time is up.
+            server.stop(min(DRAIN_SECONDS, int(self.cfg.graceful_timeout)) or 1)
 
     def handle_exit(self, sig, frame):
         self.drain.active = True
         self.alive = False
         self.detach_listeners()
-        server.stop(min(DRAIN_SECONDS, int(self.cfg.graceful_timeout)) or 1)
 
     def detach_listeners(self):
         """Take the listening sockets out of this process's epoll sets.

@@ -77,6 +77,14 @@ class Server:
         children = Path(f"/proc/{self.master_pid}/task/{self.master_pid}/children").read_text().split()
         return [int(pid) for pid in children]
 
+    def wait_for_workers(self, count: int, timeout: float = 30.0) -> None:
+        """Until the master has exactly `count` workers: all booted, none retiring."""
+        deadline = time.monotonic() + timeout
+        while len(self.worker_pids()) != count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self.worker_pids())} workers, not {count}:\n{self.log()}")
+            time.sleep(0.05)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

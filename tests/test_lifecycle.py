@@ -66,3 +66,20 @@ def test_split_and_shadow_record_and_refuse_bad_input(repo, capsys):
     assert cli.main(["models", "shadow", "iris_classifier", "two"]) == 2
     assert cli.main(["models", "promote", "iris_classifier", "7"]) == 1
     assert "version_not_found" in capsys.readouterr().err
+
+
+def test_what_models_yaml_pins_is_not_changed_from_the_cli(repo, tmp_path, monkeypatch, capsys):
+    shutil.copytree(repo / "iris_classifier" / "1", repo / "iris_classifier" / "2")
+    config = tmp_path / "models.yaml"
+    config.write_text("models:\n  iris_classifier: {version: 1}\n")
+    monkeypatch.setenv("MLSERVE_MODELS_CONFIG", str(config))
+    serving = repo / "iris_classifier" / "serving.json"
+    before = serving.read_text() if serving.exists() else None
+    assert cli.main(["models", "promote", "iris_classifier", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "conflict" in err and "pinned in config/models.yaml" in err
+    assert cli.main(["models", "rollback", "iris_classifier"]) == 1
+    assert (serving.read_text() if serving.exists() else None) == before
+    # What is not pinned can still change.
+    assert cli.main(["models", "split", "iris_classifier", "1=90,2=10"]) == 0
+    assert state(repo)["split"] == {"1": 90.0, "2": 10.0}
