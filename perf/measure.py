@@ -11,11 +11,14 @@ import requests
 from perf import loadgen, scenarios, usage
 from perf.scenarios import Scenario
 from perf.targets import Server
+from app.metrics import FLUSH_SECONDS
 from tests.server import ROOT
 
 
 def run(target: Server, scenario: Scenario, connections: int, duration: int, body: Path | None) -> dict:
     cmd = loadgen.command(scenario.script, target.url + scenario.path, connections, duration, body)
+    counting = target.name == "mlserve" and scenario.cached
+    lookups_before = cache_lookups(target) if counting else None
     load_before = usage.loadavg()
     before = usage.Sample.take(target.pids())
     started = time.time()
@@ -23,7 +26,9 @@ def run(target: Server, scenario: Scenario, connections: int, duration: int, bod
     after = usage.Sample.take(target.pids())
     used, changed = after.cpu_since(before)
     server_cpu = sum(used.values())
+    cache = cache_use(lookups_before, cache_lookups(target)) if counting else None
     return record(wrk, scenario, connections, {
+        "cache": cache,
         "target": target.name, "started": started, "command": cmd, "loadavg_before": load_before,
         "server_cpu_s": server_cpu, "client_cpu_s": client_cpu, "workers_changed": changed,
         # Per worker, busiest first: an uneven split means connections were
@@ -32,6 +37,30 @@ def run(target: Server, scenario: Scenario, connections: int, duration: int, bod
         "other_cpu_s": max(0.0, after.busy - before.busy - server_cpu - client_cpu),
         "pss_mb": usage.pss_mb(target.pids()),
     })
+
+
+def cache_lookups(target: Server) -> dict[tuple[str, str], float]:
+    """mlserve_cache_lookups_total by (level, result), summed over models and
+    workers. Workers publish their counts once a second: wait for that."""
+    time.sleep(FLUSH_SECONDS + 0.2)
+    counts: dict[tuple[str, str], float] = {}
+    for line in requests.get(target.url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("mlserve_cache_lookups_total{"):
+            labels = dict(part.split("=", 1) for part in line[line.index("{") + 1:line.index("}")].split(","))
+            key = (labels["level"].strip('"'), labels["result"].strip('"'))
+            counts[key] = counts.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def cache_use(before: dict, after: dict) -> dict:
+    """Lookups during the run per level, and the share of requests a cache
+    answered: the first level consulted sees every cached request."""
+    delta = {f"{level}_{result}": after.get((level, result), 0) - before.get((level, result), 0)
+             for level in ("l1", "l2") for result in ("hit", "miss")}
+    first = "l1" if delta["l1_hit"] + delta["l1_miss"] else "l2"
+    requests_ = delta[f"{first}_hit"] + delta[f"{first}_miss"]
+    delta["hit_ratio"] = (delta["l1_hit"] + delta["l2_hit"]) / requests_ if requests_ else None
+    return delta
 
 
 def record(wrk: dict, scenario: Scenario, connections: int, extra: dict) -> dict:

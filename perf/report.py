@@ -4,7 +4,8 @@ from __future__ import annotations
 from perf import loadgen
 
 COLUMNS = ("scenario", "conns", "req/s", "min-max", "rows/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms",
-           "errors", "CPU ms/req", "server cores", "per worker", "wrk cores", "other cores", "PSS MB")
+           "errors", "CPU ms/req", "server cores", "per worker", "wrk cores", "other cores", "PSS MB",
+           "cache hits")
 
 
 def table(header: tuple, rows: list[tuple]) -> list[str]:
@@ -72,7 +73,15 @@ def cells(r: dict) -> tuple:
             num(latency["p50"], 2), num(latency["p90"], 2), num(latency["p99"], 2), num(latency["p999"], 2),
             errors, num(r["cpu_ms_per_req"], 3), num(r["server_cpu_s"] / seconds, 2),
             " ".join(num(w / seconds, 2) for w in r["worker_cpu_s"]),
-            num(r["client_cpu_s"] / seconds, 2), num(r["other_cpu_s"] / seconds, 2), num(r["pss_mb"]))
+            num(r["client_cpu_s"] / seconds, 2), num(r["other_cpu_s"] / seconds, 2), num(r["pss_mb"]),
+            hits(r.get("cache")))
+
+
+def hits(cache: dict | None) -> str:
+    """Share of requests a cache answered, and by level."""
+    if not cache or cache["hit_ratio"] is None:
+        return "-"
+    return f"{cache['hit_ratio']:.1%} (l1 {num(cache['l1_hit'])}, l2 {num(cache['l2_hit'])})"
 
 
 def req_per_s(results: dict, scenario: str, connections: int) -> float | None:

@@ -11,6 +11,7 @@ directory; results.md there holds the tables, which are also printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -28,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from perf import host, inprocess, report, scenarios, suite  # noqa: E402
 from perf.scenarios import SCENARIOS  # noqa: E402
 from perf.targets import Config  # noqa: E402
+from tests.redis_server import RedisServer  # noqa: E402
 
 
 def int_list(text: str) -> list[int]:
@@ -51,22 +53,30 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="comma list of meinheld, gthread (default both)")
     p.add_argument("--env", action="append", default=[], metavar="MLSERVE_X=VALUE",
                    help="extra server setting, repeatable (e.g. MLSERVE_REDIS_URL=redis://127.0.0.1:6379/0)")
+    p.add_argument("--redis", action="store_true",
+                   help="start a private redis-server and give the server its URL (L2 cache, control channel)")
+    p.add_argument("--compare-env", action="append", default=[], metavar="MLSERVE_X=VALUE",
+                   help="also bench each configuration with this setting added, in the same run (repeatable: "
+                        "one more configuration each), e.g. MLSERVE_CACHE_L1_MAX_ENTRIES=0 for L2-only hits")
     p.add_argument("--out", type=Path, help="output directory (default perf/results/<UTC timestamp>/)")
     p.add_argument("--no-references", dest="references", action="store_false",
                    help="skip the reference apps and the in-process baseline")
     args = p.parse_args(argv)
     if set(args.worker_class) - {"meinheld", "gthread"}:
         p.error("--worker-class takes meinheld and/or gthread")
-    if any("=" not in item for item in args.env):
+    if any("=" not in item for item in args.env + args.compare_env):
         p.error("--env takes NAME=VALUE")
     if not args.connections or min(args.connections) < 1 or args.runs < 1 or args.duration <= 0:
         p.error("--connections, --runs and --duration must be positive")
     return args
 
 
-def configs(args: argparse.Namespace) -> list[Config]:
+def configs(args: argparse.Namespace, redis_url: str = "") -> list[Config]:
     env = dict(item.split("=", 1) for item in args.env)
-    return [Config(k, w, env) for k in args.worker_class for w in args.workers]
+    if redis_url:
+        env["MLSERVE_REDIS_URL"] = redis_url
+    variants = [env] + [{**env, **dict([item.split("=", 1)])} for item in args.compare_env]
+    return [Config(k, w, v) for k in args.worker_class for w in args.workers for v in variants]
 
 
 def estimate_seconds(args: argparse.Namespace, plan: suite.Plan) -> float:
@@ -89,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             "warmup": args.warmup, "scenarios": names, "connections": plan.connections}
     suite.log(f"writing to {out}; this takes about {estimate_seconds(args, plan) / 60:.1f} min")
     baseline = inprocess.measure(scenarios.iris_rows(1000)) if args.references else None
-    results = [suite.bench(config, plan) for config in configs(args)]
+    with (RedisServer() if args.redis else contextlib.nullcontext()) as redis:
+        results = [suite.bench(config, plan) for config in configs(args, redis.url if redis else "")]
     (out / "summary.json").write_text(json.dumps({"meta": meta, "in_process": baseline, "configs": results},
                                                  indent=2) + "\n")
     markdown = report.render(meta, baseline, results)

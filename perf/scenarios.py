@@ -24,6 +24,7 @@ class Scenario:
     method: str = "POST"
     rows: int = 1           # predictions per request, for rows/s
     body_file: bool = False  # the script reads its body from a file the harness writes
+    cached: bool = False     # sends use_cache true: the harness reports the hit ratio
 
     @property
     def script(self) -> Path:
@@ -32,11 +33,11 @@ class Scenario:
 
 SCENARIOS = {s.name: s for s in (
     Scenario("predict_uncached", "/api/v1/predict"),
-    Scenario("predict_cached", "/api/v1/predict"),
+    Scenario("predict_cached", "/api/v1/predict", cached=True),
     Scenario("batch_100", "/api/v1/batch_predict", rows=100, body_file=True),
     Scenario("batch_1000", "/api/v1/batch_predict", rows=1000, body_file=True),
     Scenario("predict_random", "/api/v1/predict"),
-    Scenario("predict_zipf", "/api/v1/predict"),
+    Scenario("predict_zipf", "/api/v1/predict", cached=True),
     Scenario("health", "/health", method="GET"),
 )}
 

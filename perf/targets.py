@@ -32,10 +32,19 @@ class Config:
 
     @property
     def name(self) -> str:
-        return f"{self.worker_class}-w{self.workers}"
+        return f"{self.worker_class}-w{self.workers}" + "".join(f"+{label(k, v)}" for k, v in sorted(self.env.items()))
 
     def server_env(self) -> dict:
         return {"MLSERVE_SERVER_WORKER_CLASS": self.worker_class, **self.env}
+
+
+def label(name: str, value: str) -> str:
+    """A setting as part of a configuration's name (also a directory name)."""
+    if name == "MLSERVE_REDIS_URL":
+        return "redis" if value else "no-redis"
+    if name == "MLSERVE_CACHE_L1_MAX_ENTRIES" and value == "0":
+        return "l1-off"
+    return f"{name.removeprefix('MLSERVE_').lower()}={re.sub(r'[^A-Za-z0-9._-]', '_', value)}"
 
 
 class Server(TestServer):
