@@ -20,10 +20,9 @@ from multiprocessing.sharedctypes import RawArray
 
 import pybreaker
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from app.metrics import Metrics
+from app.redis_client import connect
 
 log = logging.getLogger(__name__)
 KEY_PREFIX = "mlserve:p:"
@@ -124,8 +123,8 @@ class RedisStore:
     def __init__(self, url: str, ttl: int, connect_timeout: float, socket_timeout: float,
                  pool_size: int, breaker: pybreaker.CircuitBreaker, metrics: Metrics):
         self.url, self.ttl, self.breaker, self.metrics = url, ttl, breaker, metrics
-        self.options = dict(socket_connect_timeout=connect_timeout, socket_timeout=socket_timeout,
-                            max_connections=pool_size, retry=Retry(NoBackoff(), 0))
+        self.options = dict(connect_timeout=connect_timeout, socket_timeout=socket_timeout,
+                            max_connections=pool_size)
         self.pid = None
         self.client: redis.Redis | None = None
         self.writes: queue.Queue | None = None
@@ -134,7 +133,7 @@ class RedisStore:
         # Sockets and threads belong to one process: made anew after a fork.
         if self.pid != os.getpid():
             self.pid = os.getpid()
-            self.client = redis.Redis.from_url(self.url, **self.options)
+            self.client = connect(self.url, **self.options)
             self.writes = queue.Queue(maxsize=10_000)
             threading.Thread(target=self.write_loop, name="cache-writer", daemon=True).start()
         return self.client

@@ -11,8 +11,8 @@ from typing import Callable
 
 import orjson
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+
+from app.redis_client import connect
 
 log = logging.getLogger(__name__)
 CHANNEL = "mlserve:control"
@@ -37,8 +37,7 @@ class ControlChannel:
         if not self.url:
             return None
         try:
-            client = redis.Redis.from_url(self.url, socket_connect_timeout=self.connect_timeout,
-                                          socket_timeout=self.connect_timeout, retry=Retry(NoBackoff(), 0))
+            client = connect(self.url, self.connect_timeout, self.connect_timeout)
             with client:
                 return client.publish(CHANNEL, orjson.dumps(message))
         except (redis.RedisError, OSError) as exc:
@@ -67,8 +66,7 @@ class ControlChannel:
                 delay = 0.1
 
     def listen(self) -> None:
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=self.connect_timeout,
-                                      health_check_interval=10, retry=Retry(NoBackoff(), 0))
+        client = connect(self.url, self.connect_timeout, health_check_interval=10)
         with client.pubsub(ignore_subscribe_messages=True) as pubsub:
             pubsub.subscribe(CHANNEL)
             self.subscribed.set()
