@@ -51,8 +51,8 @@ class Server(TestServer):
     """Our server. name says what it is in the results."""
     name = "mlserve"
 
-    def __init__(self, config: Config):
-        super().__init__(MODELS, workers=config.workers, env=config.server_env())
+    def __init__(self, config: Config, root: Path = ROOT):
+        super().__init__(MODELS, workers=config.workers, env=config.server_env(), root=root)
         self.config = config
 
     def wait_until(self, path: str, timeout: float) -> None:

@@ -26,7 +26,8 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, models_dir: Path | str, workers: int = 2, env: dict | None = None,
-                 models_config: Path | str | None = None):
+                 models_config: Path | str | None = None, root: Path = ROOT):
+        self.root = root  # the checkout whose code runs
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workdir = Path(tempfile.mkdtemp(prefix="mlserve-test-"))
@@ -37,7 +38,7 @@ class Server:
             "MLSERVE_BIND": f"127.0.0.1:{self.port}",
             "MLSERVE_WORKERS": str(workers),
             "MLSERVE_MODELS_DIR": str(models_dir),
-            "MLSERVE_MODELS_CONFIG": str(models_config or ROOT / "config" / "models.yaml"),
+            "MLSERVE_MODELS_CONFIG": str(models_config or root / "config" / "models.yaml"),
             "MLSERVE_SERVER_PID_FILE": str(self.pid_file),
             "MLSERVE_MONITORING_METRICS_DIR": str(self.workdir / "metrics"),
             **(env or {}),
@@ -47,7 +48,7 @@ class Server:
 
     def start(self, timeout: float = 60.0, ready: bool = True) -> "Server":
         self.log_file = open(self.log_path, "wb")
-        self.process = subprocess.Popen([str(GUNICORN), "-c", "gunicorn.conf.py"], cwd=ROOT, env=self.env,
+        self.process = subprocess.Popen([str(GUNICORN), "-c", "gunicorn.conf.py"], cwd=self.root, env=self.env,
                                         stdout=self.log_file, stderr=subprocess.STDOUT)
         try:
             self.wait_until("/ready" if ready else "/health", timeout)
