@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEMO   := iris_classifier binary_classifier diabetes_regressor wine_clusters
 SYSTEM_PACKAGES := redis-server wrk nginx
 
-.PHONY: install models serve test system-deps bench clean
+.PHONY: install models serve test system-deps bench bench-mlserver clean
 
 install: $(STAMP)
 
@@ -39,6 +39,11 @@ test: install system-deps models
 # The full suite; narrow it with e.g. make bench BENCH_ARGS="--scenario predict_uncached --connections 32"
 bench: install system-deps models
 	$(BIN)/python perf/run.py $(BENCH_ARGS)
+
+# Optional: ours beside Seldon MLServer on iris_classifier; MLServer gets its
+# own virtualenv, .venv-mlserver/. E.g. make bench-mlserver MLSERVER_ARGS="--runs 5"
+bench-mlserver: install system-deps models
+	$(BIN)/python perf/mlserver.py $(MLSERVER_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info
