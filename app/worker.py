@@ -9,10 +9,10 @@ every response says Connection: close, so each client finishes its request
 and reconnects to a fresh worker, and the loop ends when the last one has.
 
 The loop is stopped by the worker's tick, a timer on the loop, never from
-the signal handler itself: Python runs the handler wherever the main thread next runs
-bytecode, which can be a request that meinheld's accept callback started.
-That callback then goes on accepting queued connections and, for each,
-re-arms the read timeout on the listening socket (meinheld passes the
+the signal handler itself: Python runs the handler wherever the main thread
+next runs bytecode, which can be a request that meinheld's accept callback
+started. That callback then goes on accepting queued connections and, for
+each, re-arms the read timeout on the listening socket (meinheld passes the
 listener's fd there), replacing the stop timer set a moment before; the
 worker then served the old model until Gunicorn's graceful timeout.
 """

@@ -1,11 +1,12 @@
--- A mixed workload: inputs drawn from 10,000 distinct iris-like rows with a
--- Zipf(1.1) popularity, use_cache true, so popular inputs hit the cache and
--- the long tail misses (about 3 in 4 requests hit once the cache is warm).
+-- A mixed workload: inputs drawn from 1,000,000 distinct iris-like rows with
+-- a Zipf(1.1) popularity, use_cache true, so popular inputs hit the cache and
+-- the long tail keeps missing. The harness reports the hit ratio of each run:
+-- it rises as the caches fill (about 3 in 4 hit in 5 s runs from cold).
 local common = dofile(debug.getinfo(1, "S").source:match("^@(.*/)") .. "common.lua")
 done = common.done
 common.post_json(nil)
 
-local N, S = 10000, 1.1
+local N, S = 1000000, 1.1
 local low = {4.3, 2.0, 1.0, 0.1}
 local span = {3.6, 2.4, 5.9, 2.4}
 local template = '{"model_name":"iris_classifier","features":[%.3f,%.3f,%.3f,%.3f],"use_cache":true}'
