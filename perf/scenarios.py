@@ -38,6 +38,7 @@ SCENARIOS = {s.name: s for s in (
     Scenario("batch_1000", "/api/v1/batch_predict", rows=1000, body_file=True),
     Scenario("predict_random", "/api/v1/predict"),
     Scenario("predict_zipf", "/api/v1/predict", cached=True),
+    Scenario("predict_paced", "/api/v1/predict"),
     Scenario("health", "/health", method="GET"),
 )}
 
@@ -71,7 +72,8 @@ def sample_body(scenario: Scenario) -> bytes | None:
     return {"predict_uncached": predict_body(IRIS_ROW, False),
             "predict_cached": predict_body(IRIS_ROW, True),
             "predict_random": predict_body(random_row(random.Random()), True),
-            "predict_zipf": predict_body(random_row(random.Random()), True)}.get(scenario.name)
+            "predict_zipf": predict_body(random_row(random.Random()), True),
+            "predict_paced": predict_body(IRIS_ROW, False)}.get(scenario.name)
 
 
 def write_bodies(directory: Path) -> dict[str, Path]:
