@@ -6,12 +6,12 @@ the before/after figure of a change to the hot path.
 Each commit is checked out in a temporary git worktree and served from there
 (same virtualenv, same models/, 2 meinheld workers). All servers are started
 first and stay idle while another is measured; runs go round-robin over the
-commits, so a burst of load from elsewhere spreads over all of them.
+commits, so a burst of load from elsewhere spreads over all of them. Each
+run is saved as JSON under the output directory, one folder per commit.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -21,11 +21,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
+WARMUP_SECONDS = 2
 if Path(sys.prefix).resolve() != VENV.resolve() and (VENV / "bin" / "python").exists():
     os.execv(VENV / "bin" / "python", [str(VENV / "bin" / "python"), *sys.argv])
 sys.path.insert(0, str(ROOT))
 
-from perf import measure, scenarios  # noqa: E402
+from perf import measure, scenarios, suite  # noqa: E402
 from perf.report import num, table  # noqa: E402
 from perf.scenarios import SCENARIOS  # noqa: E402
 from perf.targets import Config, Server  # noqa: E402
@@ -70,23 +71,21 @@ def main(argv: list[str] | None = None) -> int:
             for scenario in (SCENARIOS[n] for n in names):
                 for server in servers.values():
                     measure.check(server, scenario)
-                    measure.warm_up(server, scenario, args.connections, 2, bodies.get(scenario.name))
+                    warning = measure.warm_up(server, scenario, args.connections, WARMUP_SECONDS,
+                                              bodies.get(scenario.name))
+                    if warning:
+                        suite.log("WARNING " + warning)
             for i in range(1, args.runs + 1):
                 for scenario in (SCENARIOS[n] for n in names):
                     for sha, server in servers.items():
-                        record = measure.run(server, scenario, args.connections, args.duration,
-                                             bodies.get(scenario.name))
-                        record.update(commit=sha, run=i)
-                        runs.setdefault((sha, scenario.name), []).append(record)
-                        print(f"{sha} {scenario.name} run {i}: {record['req_per_s']:.0f} req/s "
-                              f"p50 {record['latency_ms']['p50']:.2f} ms", file=sys.stderr, flush=True)
+                        runs.setdefault((sha, scenario.name), []).append(suite.measured(
+                            server, scenario, args.connections, args.duration, bodies.get(scenario.name),
+                            sha, i, args.runs, out / sha))
         finally:
             for server in servers.values():
                 server.close()
     subprocess.run(["git", "worktree", "prune"], cwd=ROOT, check=False)  # the scratch trees are gone
     medians = {key: measure.median(value) for key, value in runs.items()}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "runs.json").write_text(json.dumps({f"{k[0]} {k[1]}": v for k, v in runs.items()}, indent=2) + "\n")
     print("\n".join(render(args, names, list(servers), medians)))
     return 0
 

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from perf import loadgen, scenarios, usage
 from perf.scenarios import Scenario
@@ -44,11 +45,11 @@ def cache_lookups(target: Server) -> dict[tuple[str, str], float]:
     workers. Workers publish their counts once a second: wait for that."""
     time.sleep(FLUSH_SECONDS + 0.2)
     counts: dict[tuple[str, str], float] = {}
-    for line in requests.get(target.url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith("mlserve_cache_lookups_total{"):
-            labels = dict(part.split("=", 1) for part in line[line.index("{") + 1:line.index("}")].split(","))
-            key = (labels["level"].strip('"'), labels["result"].strip('"'))
-            counts[key] = counts.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    for family in text_string_to_metric_families(requests.get(target.url + "/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == "mlserve_cache_lookups_total":
+                key = (sample.labels["level"], sample.labels["result"])
+                counts[key] = counts.get(key, 0.0) + sample.value
     return counts
 
 

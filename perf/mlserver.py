@@ -375,13 +375,8 @@ def bench(target, scenario: Scenario, label: str, args: argparse.Namespace, out:
     warning = measure.warm_up(target, scenario, args.connections, args.warmup, None)
     if warning:
         suite.log("WARNING " + warning)
-    runs = []
-    for i in range(1, args.runs + 1):
-        record = measure.run(target, scenario, args.connections, args.duration, None)
-        record.update(config=label, run=i)
-        suite.save(record, out / target.name / f"{scenario.name}-c{args.connections}-run{i}.json")
-        suite.log(suite.progress(record, args.runs))
-        runs.append(record)
+    runs = [suite.measured(target, scenario, args.connections, args.duration, None, label, i, args.runs,
+                           out / target.name) for i in range(1, args.runs + 1)]
     result = measure.median(runs)
     result["warmup_warning"] = warning
     result["non2xx_all_runs"] = sum(r["non2xx"] for r in runs)

@@ -96,12 +96,20 @@ def bench_target(target: Server, scenarios: list[Scenario], plan: Plan, config: 
     for i in range(1, plan.runs + 1):
         for scenario in scenarios:
             for connections in plan.connections:
-                record = measure.run(target, scenario, connections, plan.duration, plan.bodies.get(scenario.name))
-                record.update(config=config.name, run=i)
-                save(record, plan.out / config.name / target.name / f"{scenario.name}-c{connections}-run{i}.json")
-                log(progress(record, plan.runs))
-                runs[scenario.name, connections].append(record)
+                runs[scenario.name, connections].append(measured(
+                    target, scenario, connections, plan.duration, plan.bodies.get(scenario.name),
+                    config.name, i, plan.runs, plan.out / config.name / target.name))
     return {s.name: {c: measure.median(runs[s.name, c]) for c in plan.connections} for s in scenarios}
+
+
+def measured(target: Server, scenario: Scenario, connections: int, duration: int, body: Path | None,
+             label: str, run: int, runs: int, directory: Path) -> dict:
+    """One measured run, saved as JSON in directory and logged."""
+    record = measure.run(target, scenario, connections, duration, body)
+    record.update(config=label, run=run)
+    save(record, directory / f"{scenario.name}-c{connections}-run{run}.json")
+    log(progress(record, runs))
+    return record
 
 
 def save(record: dict, path: Path) -> None:
