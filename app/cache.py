@@ -12,11 +12,13 @@ import hashlib
 import logging
 import os
 import queue
+import struct
 import threading
 import time
 import zlib
 from collections import OrderedDict
 from multiprocessing.sharedctypes import RawArray
+from typing import NamedTuple
 
 import pybreaker
 import redis
@@ -201,22 +203,44 @@ class RedisStore:
             return None
 
 
+class KeyFormat(NamedTuple):
+    prefix: bytes        # mlserve:p:<name>:<version>:
+    row: struct.Struct   # one row as the float32 bytes the model sees (numpy's tobytes() of it)
+
+
 class PredictionCache:
     """Keys are the model's prefix (name and version) followed by the row's
     float32 bytes. L1 uses them as they are (a dict lookup hashes them for
     free); Redis gets a fixed-size key, the prefix and a blake2b of the bytes,
     computed only when L1 misses."""
 
+    MAX_FORMATS = 1024
+
     def __init__(self, l1: LRU | None, l2: RedisStore | None, generations: Generations, metrics: Metrics):
         self.l1, self.l2, self.generations, self.metrics = l1, l2, generations, metrics
+        self.formats: dict = {}  # LoadedModel -> KeyFormat
 
-    @staticmethod
-    def key(prefix: bytes, row: bytes) -> bytes:
-        """row: the float32 bytes of one row, as the model sees it."""
-        return prefix + row
+    def key_format(self, model) -> KeyFormat:
+        found = self.formats.get(model)
+        if found is None:
+            if len(self.formats) >= self.MAX_FORMATS:  # models come and go with swaps
+                self.formats.clear()
+            found = self.formats[model] = KeyFormat(f"{KEY_PREFIX}{model.name}:{model.version}:".encode(),
+                                                    struct.Struct(f"<{model.n_features}f"))
+        return found
 
-    @staticmethod
-    def shared_key(prefix: bytes, key: bytes) -> bytes:
+    def key(self, model, row: list) -> bytes:
+        """The key of one validated row (a list of numbers in feature order)."""
+        fmt = self.key_format(model)
+        return fmt.prefix + fmt.row.pack(*row)
+
+    def keys(self, model, X) -> list[bytes]:
+        """The keys of the rows of a float32 matrix."""
+        prefix, data, width = self.key_format(model).prefix, X.tobytes(), X.shape[1] * 4
+        return [prefix + data[i:i + width] for i in range(0, len(data), width)]
+
+    def shared_key(self, model, key: bytes) -> bytes:
+        prefix = self.key_format(model).prefix
         return prefix + hashlib.blake2b(key[len(prefix):], digest_size=16).hexdigest().encode()
 
     def get(self, model, key: bytes) -> tuple[str | None, bytes | None]:
@@ -228,7 +252,7 @@ class PredictionCache:
             if value is not None:
                 return "l1", value
         if self.l2 is not None:
-            value = self.l2.get(self.shared_key(model.cache_prefix, key))
+            value = self.l2.get(self.shared_key(model, key))
             self.metrics.cache_lookup("l2", model.name, value is not None)
             if value is not None:
                 if self.l1 is not None:
@@ -240,7 +264,7 @@ class PredictionCache:
         if self.l1 is not None:
             self.l1.put(key, self.generations.current(model.name), value)
         if self.l2 is not None:
-            self.l2.put_many([(self.shared_key(model.cache_prefix, key), value)])
+            self.l2.put_many([(self.shared_key(model, key), value)])
 
     def get_many(self, model, keys: list[bytes]) -> list[tuple[str | None, bytes | None]]:
         generation = self.generations.current(model.name)
@@ -255,7 +279,7 @@ class PredictionCache:
             self.metrics.cache_lookup("l1", model.name, True, len(keys) - len(missing))
             self.metrics.cache_lookup("l1", model.name, False, len(missing))
         if self.l2 is not None and missing:
-            values = self.l2.get_many([self.shared_key(model.cache_prefix, keys[i]) for i in missing])
+            values = self.l2.get_many([self.shared_key(model, keys[i]) for i in missing])
             hits = 0
             for i, value in zip(missing, values):
                 if value is not None:
@@ -273,7 +297,7 @@ class PredictionCache:
             for key, value in items:
                 self.l1.put(key, generation, value)
         if self.l2 is not None and items:
-            self.l2.put_many([(self.shared_key(model.cache_prefix, key), value) for key, value in items])
+            self.l2.put_many([(self.shared_key(model, key), value) for key, value in items])
 
     def invalidate_local(self, name: str | None) -> None:
         """Drop L1 entries of one model (or all) in every worker of this host."""

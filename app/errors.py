@@ -1,5 +1,6 @@
 """Errors named as facts. Each carries the HTTP status and a stable code;
-app/api.py is the one place that turns them into responses."""
+app/http/errors.py is the one place that turns them into responses, and the
+CLI's one error boundary (app/cli/__init__.py) into a line on stderr."""
 from __future__ import annotations
 
 
@@ -37,6 +38,10 @@ class BatchTooLarge(ServingError):
     status, code = 413, "batch_too_large"
 
 
+class NotFound(ServingError):
+    status, code = 404, "not_found"
+
+
 class ModelNotFound(ServingError):
     status, code = 404, "model_not_found"
 
@@ -72,3 +77,8 @@ class Conflict(ServingError):
 class ModelRefused(ServingError):
     """A version that must not serve: it failed to load or to verify."""
     status, code = 422, "model_refused"
+
+
+class InvalidData(ServingError):
+    """Data handed to the CLI or the core (a training CSV, say) that cannot be used as it is."""
+    status, code = 422, "invalid_data"

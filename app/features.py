@@ -19,6 +19,15 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning)
 
 
+def width_change(width: int, serving_names: list[str], serving_version: int | None) -> str | None:
+    """Why a version taking width features must not replace the serving one, or None.
+    Clients send what the serving version takes: a new width would break every one."""
+    if serving_names and width != len(serving_names):
+        return (f"it takes {width} features, v{serving_version} takes {len(serving_names)} "
+                f"({', '.join(serving_names)}); clients would break")
+    return None
+
+
 def single(model: LoadedModel, features) -> list:
     """One row of numbers, each finite and within float32 range, in the
     model's feature order (`matrix((row,), ...)` makes what the model sees)."""

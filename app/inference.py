@@ -1,21 +1,32 @@
-"""The protocol-independent inference core: a parsed request body in, the
-response body (JSON bytes) out. The REST resources are thin wrappers."""
+"""The protocol-independent inference core: a model resolved from the
+registry, rows validated, answered from the cache or the runtime, mirrored to
+a shadow. predict() and batch_predict() give the v1 response bodies (JSON
+bytes); other protocols call route() and score() and shape their own."""
 from __future__ import annotations
 
+import functools
 import time
+from typing import NamedTuple
 
 import numpy as np
 import orjson
 
 from app import features
 from app.cache import PredictionCache
+from app.clock import utc_now
 from app.errors import InvalidField, MissingField
 from app.loader import LoadedModel
-from app.registry import Registry
+from app.registry import ModelState, Registry
 from app.shadow import ShadowScorer
 
-
 CACHE_LEVELS = {None: b"false", "l1": b'"l1"', "l2": b'"l2"'}
+
+
+class Scores(NamedTuple):
+    """Many rows' answers: labels, probabilities (None without them), cache hits per level."""
+    labels: list
+    probabilities: list | None
+    hits: dict[str, int]
 
 
 class Predictor:
@@ -26,86 +37,35 @@ class Predictor:
         self.cache = cache
         self.shadow = shadow
 
-    def model_for(self, body: dict, routing_key: str | None = None) -> LoadedModel:
-        name = body.get("model_name")
-        if name is None:
-            raise MissingField("model_name is required")
-        if type(name) is not str:
-            raise InvalidField("model_name must be a string")
-        version = body.get("version")
-        if version is not None and (type(version) is not int or version < 1):
-            raise InvalidField("version must be a positive integer")
-        key = body.get("routing_key", routing_key)
-        if key is not None and type(key) is not str:
-            raise InvalidField("routing_key must be a string")
-        return self.registry.resolve(name, version, key)
+    def route(self, name: str, version: int | None, key: str | None) -> tuple[ModelState, LoadedModel]:
+        """The model that answers: a pinned version, else the split's pick, else the serving one."""
+        state = self.registry.state(name)
+        return state, state.resolve(version, key)
 
-    def mirror(self, body: dict, model: LoadedModel, X, labels) -> None:
-        """Hand the request to the model's shadow version, if it has one (and
-        the request did not pin a version)."""
-        shadow = self.registry.shadows.get(model.name)
-        if shadow is not None and self.shadow is not None and "version" not in body and shadow is not model:
-            self.shadow.submit(model, shadow, X, labels if isinstance(labels, list) else [labels])
+    def mirror(self, state: ModelState, model: LoadedModel, pinned: bool, X, labels: list) -> None:
+        """Hand rows to the model's shadow version, unless the request pinned a version."""
+        if state.shadow is not None and self.shadow is not None and not pinned and state.shadow is not model:
+            self.shadow.submit(model, state.shadow, X, labels)
 
-    def caching(self, body: dict, model: LoadedModel) -> bool:
-        use_cache = body.get("use_cache", True)
-        if type(use_cache) is not bool:
-            raise InvalidField("use_cache must be true or false")
+    def caches(self, model: LoadedModel, use_cache: bool) -> bool:
         return use_cache and self.cache is not None and model.cacheable
 
-    def predict(self, body: dict, started: float, routing_key: str | None = None) -> tuple[LoadedModel, bytes]:
-        model = self.model_for(body, routing_key)
-        if "features" not in body:
-            raise MissingField("features is required")
-        row = features.single(model, body["features"])
-        level = None
-        if self.caching(body, model):
-            # The key hashes the float32 bytes the model would see; a hit
-            # never builds a numpy array.
-            key = self.cache.key(model.cache_prefix, model.row_format.pack(*row))
-            level, scored = self.cache.get(model, key)
-            if scored is None:
-                scored = score(model, row)
-                self.cache.put(model, key, scored)
-        else:
-            scored = score(model, row)
-        if model.name in self.registry.shadows:
-            self.mirror(body, model, row, orjson.loads(scored)["prediction"])
-        # PERF: one bytes format: the scored object (less its closing brace),
-        # the model's fixed fields, then what changes per request.
-        return model, b'%s%s%s","from_cache":%s,"latency_ms":%.4f}' % (
-            scored[:-1], model.response_head, utc_now().encode(), CACHE_LEVELS[level],
-            (time.perf_counter() - started) * 1000.0)
-
-    def batch_predict(self, body: dict, started: float, routing_key: str | None = None) -> tuple[LoadedModel, bytes]:
-        model = self.model_for(body, routing_key)
-        if "features_batch" not in body:
-            raise MissingField("features_batch is required")
-        X = features.batch(model, body["features_batch"], self.max_batch_rows)
-        if self.caching(body, model):
-            labels, probabilities, hits = self.batch_through_cache(model, X)
+    def score(self, state: ModelState, model: LoadedModel, X: np.ndarray, use_cache: bool,
+              pinned: bool) -> Scores:
+        """Rows X (validated, float32) through the cache and the runtime; mirrored to the shadow."""
+        if self.caches(model, use_cache):
+            scores = self.through_cache(model, X)
         else:
             out = model.runtime.run(X)
             probabilities = out.probabilities.tolist() if out.probabilities is not None else None
-            labels, hits = out.labels.tolist(), {"l1": 0, "l2": 0}
-        if model.name in self.registry.shadows:
-            self.mirror(body, model, X, labels)
-        return model, orjson.dumps({
-            "predictions": labels,
-            "probabilities": probabilities,
-            "classes": model.classes,
-            "model_name": model.name,
-            "model_version": model.version,
-            "count": len(X),
-            "cache_hits": hits,
-            "timestamp": utc_now(),
-            "total_latency_ms": (time.perf_counter() - started) * 1000.0,
-        })
+            scores = Scores(out.labels.tolist(), probabilities, {"l1": 0, "l2": 0})
+        if state.shadow is not None:
+            self.mirror(state, model, pinned, X, scores.labels)
+        return scores
 
-    def batch_through_cache(self, model: LoadedModel, X: np.ndarray) -> tuple[list, list | None, dict]:
+    def through_cache(self, model: LoadedModel, X: np.ndarray) -> Scores:
         """Rows found in L1/L2 are reused; the rest run in one call and are written back together."""
-        data, width = X.tobytes(), X.shape[1] * 4
-        keys = [self.cache.key(model.cache_prefix, data[i:i + width]) for i in range(0, len(data), width)]
+        keys = self.cache.keys(model, X)
         found = self.cache.get_many(model, keys)
         missing = [i for i, (_, value) in enumerate(found) if value is None]
         rows: list = [None] * len(X)
@@ -124,11 +84,78 @@ class Predictor:
                 hits[level] += 1
         labels = [row["prediction"] for row in rows]
         if model.class_keys is None:
-            return labels, None, hits
-        return labels, [list(row["probabilities"].values()) for row in rows], hits
+            return Scores(labels, None, hits)
+        return Scores(labels, [list(row["probabilities"].values()) for row in rows], hits)
+
+    # --- the v1 API --------------------------------------------------------
+
+    def predict(self, body: dict, started: float, routing_key: str | None = None) -> tuple[LoadedModel, bytes]:
+        state, model = self.route(*v1_route(body, routing_key))
+        if "features" not in body:
+            raise MissingField("features is required")
+        row = features.single(model, body["features"])
+        level = None
+        if self.caches(model, v1_use_cache(body)):
+            # The key holds the float32 bytes the model would see; a hit
+            # never builds a numpy array.
+            key = self.cache.key(model, row)
+            level, scored = self.cache.get(model, key)
+            if scored is None:
+                scored = score_row(model, row)
+                self.cache.put(model, key, scored)
+        else:
+            scored = score_row(model, row)
+        if state.shadow is not None:
+            self.mirror(state, model, "version" in body, row, [orjson.loads(scored)["prediction"]])
+        # PERF: one bytes format: the scored object (less its closing brace),
+        # the model's fixed fields, then what changes per request.
+        return model, b'%s%s%s","from_cache":%s,"latency_ms":%.4f}' % (
+            scored[:-1], response_head(model), utc_now().encode(), CACHE_LEVELS[level],
+            (time.perf_counter() - started) * 1000.0)
+
+    def batch_predict(self, body: dict, started: float, routing_key: str | None = None) -> tuple[LoadedModel, bytes]:
+        state, model = self.route(*v1_route(body, routing_key))
+        if "features_batch" not in body:
+            raise MissingField("features_batch is required")
+        X = features.batch(model, body["features_batch"], self.max_batch_rows)
+        scores = self.score(state, model, X, v1_use_cache(body), "version" in body)
+        return model, orjson.dumps({
+            "predictions": scores.labels,
+            "probabilities": scores.probabilities,
+            "classes": model.classes,
+            "model_name": model.name,
+            "model_version": model.version,
+            "count": len(X),
+            "cache_hits": scores.hits,
+            "timestamp": utc_now(),
+            "total_latency_ms": (time.perf_counter() - started) * 1000.0,
+        })
 
 
-def score(model: LoadedModel, row: list) -> bytes:
+def v1_route(body: dict, routing_key: str | None) -> tuple[str, int | None, str | None]:
+    """(model name, pinned version, routing key) of a v1 request body."""
+    name = body.get("model_name")
+    if name is None:
+        raise MissingField("model_name is required")
+    if type(name) is not str:
+        raise InvalidField("model_name must be a string")
+    version = body.get("version")
+    if version is not None and (type(version) is not int or version < 1):
+        raise InvalidField("version must be a positive integer")
+    key = body.get("routing_key", routing_key)
+    if key is not None and type(key) is not str:
+        raise InvalidField("routing_key must be a string")
+    return name, version, key
+
+
+def v1_use_cache(body: dict) -> bool:
+    use_cache = body.get("use_cache", True)
+    if type(use_cache) is not bool:
+        raise InvalidField("use_cache must be true or false")
+    return use_cache
+
+
+def score_row(model: LoadedModel, row: list) -> bytes:
     """Run one row; the cacheable part of its prediction, as a JSON object."""
     out = model.runtime.run(np.array((row,), dtype=np.float32))
     probabilities = out.probabilities.tolist()[0] if out.probabilities is not None else None
@@ -142,14 +169,7 @@ def fragment(model: LoadedModel, label, probabilities: list | None) -> bytes:
                          "probabilities": dict(zip(model.class_keys, probabilities))})
 
 
-_second = [-1, ""]
-
-
-def utc_now() -> str:
-    """ISO 8601 UTC with microseconds, e.g. 2026-01-02T03:04:05.123456Z."""
-    # PERF: the date part changes once a second; format it once a second.
-    now = time.time()
-    second = int(now)
-    if second != _second[0]:
-        _second[:] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return f"{_second[1]}.{int((now - second) * 1e6):06d}Z"
+@functools.lru_cache(maxsize=1024)
+def response_head(model: LoadedModel) -> bytes:
+    """The fixed fields of a model's predict responses (names are [a-z0-9_-])."""
+    return f',"model_name":"{model.name}","model_version":{model.version},"timestamp":"'.encode()

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from app.cache import KEY_PREFIX as CACHE_KEY_PREFIX
 from app.conversion import Verdict, convert_and_verify
 from app.errors import InvalidModel
 from app.repository import ModelVersion
@@ -23,7 +21,7 @@ log = logging.getLogger(__name__)
 TASKS = ("classification", "regression", "clustering")
 
 
-@dataclass
+@dataclass(eq=False)  # identity: hashable, and two loads of one version are two models
 class LoadedModel:
     name: str
     version: int
@@ -35,19 +33,11 @@ class LoadedModel:
     runtime_reason: str | None = None
     feature_index: dict[str, int] = field(init=False)
     class_keys: list[str] | None = field(init=False)
-    cache_prefix: bytes = field(init=False)
-    row_format: struct.Struct = field(init=False)
-    response_head: bytes = field(init=False)
     cacheable: bool = field(init=False)
 
     def __post_init__(self):
         self.feature_index = {n: i for i, n in enumerate(self.feature_names)}
         self.class_keys = [str(c) for c in self.classes] if self.classes is not None else None
-        self.cache_prefix = f"{CACHE_KEY_PREFIX}{self.name}:{self.version}:".encode()
-        # The fixed fields of this model's predict responses (names are [a-z0-9_-]).
-        self.response_head = f',"model_name":"{self.name}","model_version":{self.version},"timestamp":"'.encode()
-        # One row as the float32 bytes the model sees (numpy's tobytes() of it).
-        self.row_format = struct.Struct(f"<{len(self.feature_names)}f")
         # A model whose metadata says it is not deterministic is never cached.
         self.cacheable = self.metadata.get("deterministic", True) is not False
 

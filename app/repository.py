@@ -14,10 +14,10 @@ import shutil
 import socket
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from app.clock import utc_now
 from app.errors import InvalidModel, ModelNotFound, VersionNotFound
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -159,7 +159,7 @@ class ModelRepository:
         state = self.serving_state(name) or {"version": None, "previous": None, "split": None,
                                              "shadow": None, "history": []}
         state.update(changes)
-        state["history"].append({"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        state["history"].append({"at": utc_now(precise=False),
                                  "by": by or default_actor(), "action": action, "version": version,
                                  "reason": reason or None})
         path = self.root / name / SERVING

@@ -37,6 +37,30 @@ def session_options() -> ort.SessionOptions:
     return options
 
 
+class OnnxSignature(NamedTuple):
+    """What an ONNX graph takes and gives, as far as serving cares."""
+    input_names: list[str]
+    input_dtype: type
+    width: int | None          # the fixed feature count of a single 2-D input, else None
+    outputs: list[str]
+    output_width: int | None   # the last output's width (1 for a vector), None when not fixed
+
+
+def signature(session: ort.InferenceSession) -> OnnxSignature:
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    width = inputs[0].shape[-1] if len(inputs) == 1 and len(inputs[0].shape) == 2 else None
+    last = outputs[-1].shape
+    out_width = last[-1] if len(last) == 2 else 1
+    return OnnxSignature([i.name for i in inputs],
+                         np.float64 if inputs[0].type == "tensor(double)" else np.float32,
+                         width if isinstance(width, int) else None, [o.name for o in outputs],
+                         out_width if isinstance(out_width, int) else None)
+
+
+def open_session(model: bytes | str) -> ort.InferenceSession:
+    return ort.InferenceSession(model, session_options(), providers=["CPUExecutionProvider"])
+
+
 class OnnxRuntime:
     """An ORT session. Classifier graphs from skl2onnx have outputs (label,
     probabilities); others are read by the task: one output holds the values,
@@ -45,16 +69,15 @@ class OnnxRuntime:
 
     def __init__(self, model: bytes | str, task: str, classes: list | None = None,
                  outputs: dict | None = None):
-        self.session = ort.InferenceSession(model, session_options(), providers=["CPUExecutionProvider"])
-        inputs = self.session.get_inputs()
-        if len(inputs) != 1:
-            raise ValueError(f"ONNX graph has {len(inputs)} inputs; one 2-D tensor is served")
-        self.input_name = inputs[0].name
-        self.input_dtype = np.float64 if inputs[0].type == "tensor(double)" else np.float32
+        self.session = open_session(model)
+        self.signature = sig = signature(self.session)
+        if len(sig.input_names) != 1:
+            raise ValueError(f"ONNX graph has {len(sig.input_names)} inputs; one 2-D tensor is served")
+        self.input_name = sig.input_names[0]
+        self.input_dtype = sig.input_dtype
         self.dtype = np.dtype(self.input_dtype)
-        width = inputs[0].shape[-1] if len(inputs[0].shape) == 2 else None
-        self.n_features = width if isinstance(width, int) else None
-        names = [o.name for o in self.session.get_outputs()]
+        self.n_features = sig.width
+        names = sig.outputs
         outputs = outputs or {}
         self.label_output = outputs.get("label") or ("label" if "label" in names else None)
         self.proba_output = outputs.get("probabilities") or ("probabilities" if "probabilities" in names else None)

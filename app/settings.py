@@ -8,6 +8,7 @@ module that reads the environment.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -24,8 +25,12 @@ class SettingError(ValueError):
     """A setting has a value that is not allowed; the message is one line."""
 
 
-def setting(default: Any, doc: str, check: Callable[[Any], str | None] | None = None):
-    return field(default=default, metadata={"doc": doc, "check": check})
+def setting(default: Any, doc: str, check: Callable[[Any], str | None] | None = None, *,
+            gunicorn: str | None = None, to_gunicorn: Callable[[Any], Any] | None = None):
+    """A setting's declaration. gunicorn names the Gunicorn setting it feeds (to_gunicorn
+    converts the value), so gunicorn.conf.py and the benchmarks map it the same way."""
+    return field(default=default, metadata={"doc": doc, "check": check, "gunicorn": gunicorn,
+                                            "to_gunicorn": to_gunicorn})
 
 
 def at_least(low: float) -> Callable[[Any], str | None]:
@@ -46,19 +51,35 @@ def redis_url(v: str) -> str | None:
     return "empty (no Redis) or a redis://, rediss:// or unix:// URL"
 
 
+MEINHELD_WORKER = "app.server.worker.MeinheldWorker"
+
+
+def worker_class_path(name: str) -> str:
+    # meinheld is an optional C extension: without it, gthread serves.
+    return MEINHELD_WORKER if name == "meinheld" and importlib.util.find_spec("meinheld") else "gthread"
+
+
 @dataclass(frozen=True)
 class Server:
     host: str = setting("127.0.0.1", "Address to listen on.")
     port: int = setting(8080, "TCP port to listen on.", between(0, 65535))
-    workers: int = setting(2, "Worker processes (one per core is right for CPU-bound models).", between(1, 256))
-    worker_class: str = setting("meinheld", "meinheld (C event loop) or gthread (threads; used when meinheld is missing).", one_of("meinheld", "gthread"))
-    threads: int = setting(4, "Threads per worker with worker_class gthread.", between(1, 256))
-    worker_connections: int = setting(1000, "Most simultaneous connections per worker.", between(1, 100000))
-    timeout: int = setting(30, "Seconds a worker may be silent before the master restarts it.", between(1, 3600))
-    graceful_timeout: int = setting(30, "Seconds in-flight requests get to finish on SIGTERM.", between(0, 3600))
-    keepalive: int = setting(60, "Seconds an idle keep-alive connection is held open.", between(0, 3600))
-    max_requests: int = setting(0, "Restart a worker after this many requests (0: never).", at_least(0))
-    max_requests_jitter: int = setting(0, "Random extra requests added to max_requests per worker.", at_least(0))
+    workers: int = setting(2, "Worker processes (one per core is right for CPU-bound models).", between(1, 256),
+                           gunicorn="workers")
+    worker_class: str = setting("meinheld", "meinheld (C event loop) or gthread (threads; used when meinheld is missing).",
+                                one_of("meinheld", "gthread"), gunicorn="worker_class", to_gunicorn=worker_class_path)
+    threads: int = setting(4, "Threads per worker with worker_class gthread.", between(1, 256), gunicorn="threads")
+    worker_connections: int = setting(1000, "Most simultaneous connections per worker.", between(1, 100000),
+                                      gunicorn="worker_connections")
+    timeout: int = setting(30, "Seconds a worker may be silent before the master restarts it.", between(1, 3600),
+                           gunicorn="timeout")
+    graceful_timeout: int = setting(30, "Seconds in-flight requests get to finish on SIGTERM.", between(0, 3600),
+                                    gunicorn="graceful_timeout")
+    keepalive: int = setting(60, "Seconds an idle keep-alive connection is held open.", between(0, 3600),
+                             gunicorn="keepalive")
+    max_requests: int = setting(0, "Restart a worker after this many requests (0: never).", at_least(0),
+                                gunicorn="max_requests")
+    max_requests_jitter: int = setting(0, "Random extra requests added to max_requests per worker.", at_least(0),
+                                       gunicorn="max_requests_jitter")
     max_body_bytes: int = setting(1_048_576, "Largest request body accepted; larger gets 413.", between(64, 1 << 30))
     max_batch_rows: int = setting(10_000, "Most rows in one batch_predict; more gets 413.", between(1, 10_000_000))
     cors_origins: str = setting("", "Comma-separated origins allowed by CORS ('*' for any; empty: CORS off).")
@@ -97,8 +118,9 @@ class Models:
 class Monitoring:
     prometheus_enabled: bool = setting(True, "Serve /metrics.")
     metrics_dir: str = setting("", "Directory for per-worker metric files (empty: a fresh temporary one).")
-    log_level: str = setting("info", "Log level.", one_of("debug", "info", "warning", "error"))
-    access_log: bool = setting(False, "Log every request (costs throughput).")
+    log_level: str = setting("info", "Log level.", one_of("debug", "info", "warning", "error"), gunicorn="loglevel")
+    access_log: bool = setting(False, "Log every request (costs throughput).", gunicorn="accesslog",
+                               to_gunicorn=lambda on: "-" if on else None)
 
 
 @dataclass(frozen=True)
@@ -246,6 +268,21 @@ def coerce(kind: type, value: Any) -> Any:
     if not isinstance(value, (str, int, float)):
         raise TypeError(value)
     return str(value)
+
+
+def gunicorn_options(settings: Settings) -> dict[str, Any]:
+    """The Gunicorn settings these settings make, by Gunicorn's names."""
+    options: dict[str, Any] = {"bind": [settings.bind], "pidfile": settings.pid_path}
+    for section in SECTION_CLASSES:
+        values = getattr(settings, section)
+        for f in dataclasses.fields(values):
+            name, convert = f.metadata["gunicorn"], f.metadata["to_gunicorn"]
+            if name:
+                value = getattr(values, f.name)
+                options[name] = convert(value) if convert else value
+    if options["worker_class"] != "gthread":
+        del options["threads"]  # Gunicorn turns a threaded sync worker into gthread
+    return options
 
 
 def describe() -> list[tuple[str, str, Any, str]]:

@@ -1,20 +1,16 @@
-"""Training and publishing: fit an estimator, evaluate it, convert it to ONNX,
-and write it to the repository as a new version with its metadata."""
+"""Training: fit an estimator on a CSV (or a bundled data set), evaluate it,
+and publish it (app/publishing.py) as a new version of a model."""
 from __future__ import annotations
 
 import re
-import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
-import joblib
 import numpy as np
 
-from app.conversion import convert_and_verify
-from app.loader import task_of
-from app.repository import ModelRepository, ModelVersion, sha256_of
-
-REFERENCE_ROWS = 64
+from app.conversion import first_line
+from app.errors import InvalidData
+from app.publishing import publish_estimator
+from app.repository import ModelRepository, ModelVersion
 
 
 def algorithms() -> dict:
@@ -81,55 +77,6 @@ def evaluate(estimator, task: str, X: np.ndarray, y: np.ndarray | None, cv: int 
     return result, f"{head}CV Score: {scores.mean():.4f} (+/- {scores.std():.4f})\n{report}"
 
 
-def reference_stats(X: np.ndarray, feature_names: list[str]) -> dict:
-    """Per-feature statistics of the training data, the baseline for drift checks."""
-    q = np.percentile(X, [5, 25, 50, 75, 95], axis=0)
-    return {name: {"mean": float(X[:, i].mean()), "std": float(X[:, i].std()),
-                   "min": float(X[:, i].min()), "max": float(X[:, i].max()),
-                   "p05": float(q[0, i]), "p25": float(q[1, i]), "p50": float(q[2, i]),
-                   "p75": float(q[3, i]), "p95": float(q[4, i])}
-            for i, name in enumerate(feature_names)}
-
-
-def publish_estimator(repository: ModelRepository, name: str, estimator, X: np.ndarray,
-                      feature_names: list[str], metrics: dict, tolerance: float = 1e-5,
-                      extra: dict | None = None, check=None, by: str = "", reason: str = "",
-                      stats: dict | None = None) -> ModelVersion:
-    """Save a fitted estimator as the next version of name, with its ONNX
-    conversion when verified equivalent on a reference sample of X. check, if
-    given, may refuse the staged version before it is added."""
-    task = task_of(estimator)
-    rng = np.random.default_rng(0)
-    sample = X[rng.choice(len(X), size=min(REFERENCE_ROWS, len(X)), replace=False)].astype(np.float32)
-    classes = np.asarray(estimator.classes_).tolist() if task == "classification" else None
-    graph, verdict = convert_and_verify(estimator, task, classes, X.shape[1], sample, tolerance)
-    with tempfile.TemporaryDirectory() as tmp:
-        files = {"model.joblib": Path(tmp) / "model.joblib"}
-        joblib.dump(estimator, files["model.joblib"])
-        metadata = {
-            "task": task,
-            "algorithm": type(getattr(estimator, "steps", [[None, estimator]])[-1][1]).__name__,
-            "feature_names": feature_names,
-            "classes": classes,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "metrics": metrics,
-            "artifact": "model.joblib",
-            "sha256": sha256_of(files["model.joblib"]),
-            "source_format": "joblib",
-            "serving_runtime": "onnx" if graph else "sklearn",
-            "conversion": verdict.as_dict(),
-            "deterministic": True,
-            "reference_stats": stats or reference_stats(X, feature_names),
-            "reference_sample": sample.tolist(),
-            **(extra or {}),
-        }
-        if graph is not None:
-            files["model.onnx"] = Path(tmp) / "model.onnx"
-            files["model.onnx"].write_bytes(graph)
-            metadata.update(onnx_artifact="model.onnx", onnx_sha256=sha256_of(files["model.onnx"]))
-        return repository.add_version(name, files, metadata, check=check, by=by, reason=reason)
-
-
 def train_csv(repository: ModelRepository, csv_path: Path, target: str | None, name: str,
               algorithm: str, tolerance: float = 1e-5) -> tuple[ModelVersion, str]:
     """The whole train-evaluate-save flow for a CSV of numeric features and a target column."""
@@ -138,23 +85,29 @@ def train_csv(repository: ModelRepository, csv_path: Path, target: str | None, n
     with open(csv_path, newline="") as f:
         rows = list(csv.reader(f))
     if len(rows) < 11:
-        raise ValueError(f"{csv_path}: need a header and at least 10 rows")
+        raise InvalidData(f"{csv_path}: {max(len(rows) - 1, 0)} data rows; training needs a header and at least 10 rows")
     header, body = rows[0], rows[1:]
     task, factory = algorithms()[algorithm]
+    if task != "clustering" and target is None:
+        raise InvalidData(f"{algorithm} learns a {task} target: name its column with --target; "
+                          f"columns: {', '.join(header)}")
     if task != "clustering" and target not in header:
-        raise ValueError(f"{csv_path}: no target column {target!r}; columns: {', '.join(header)}")
+        raise InvalidData(f"{csv_path}: no target column {target!r}; columns: {', '.join(header)}")
     t = header.index(target) if target in header else None
     feature_cols = [i for i in range(len(header)) if i != t]
     try:
         X = np.array([[float(r[i]) for i in feature_cols] for r in body], dtype=np.float64)
     except ValueError as exc:
-        raise ValueError(f"{csv_path}: features must be numeric ({exc})") from None
+        raise InvalidData(f"{csv_path}: features must be numeric ({exc})") from None
     y = None
-    if t is not None:
-        raw = [r[t] for r in body]
-        y = np.array([float(v) for v in raw]) if task == "regression" else np.array(as_labels(raw))
-    estimator = factory()
-    metrics, report = evaluate(estimator, task, X, y)
+    try:
+        if t is not None:
+            raw = [r[t] for r in body]
+            y = np.array([float(v) for v in raw]) if task == "regression" else np.array(as_labels(raw))
+        estimator = factory()
+        metrics, report = evaluate(estimator, task, X, y)
+    except ValueError as exc:  # scikit-learn says what it cannot fit in a ValueError
+        raise InvalidData(f"{csv_path}: cannot train {algorithm} on this data: {first_line(exc)}") from None
     names = [clean_feature_name(header[i]) for i in feature_cols]
     mv = publish_estimator(repository, name, estimator, X, names, metrics, tolerance,
                            {"training_data": str(csv_path), "target": target})

@@ -4,7 +4,7 @@ version 1 of each into a model repository directory:
 - big_mlp: an ONNX MLP, 64 -> 4096 -> 8192 -> 2048 -> 10 with Softmax,
   about 200 MB of float32 weights, built with onnx.helper;
 - big_forest: a scikit-learn RandomForestClassifier whose joblib is over
-  100 MB, published with app.training.publish_estimator (converted to ONNX
+  100 MB, published with app.publishing.publish_estimator (converted to ONNX
   and verified, so ONNX Runtime serves it);
 - big_forest_sklearn: the same joblib with no ONNX conversion and no
   reference sample, so the loader keeps it on scikit-learn.
@@ -121,7 +121,7 @@ def train_forest():
 
 
 def write_forest(repository: ModelRepository) -> None:
-    from app.training import publish_estimator
+    from app.publishing import publish_estimator
 
     forest, X, metrics = train_forest()
     names = [f"f{i}" for i in range(X.shape[1])]

@@ -6,7 +6,7 @@ echo: Falcon + orjson, no model. What any JSON endpoint costs on this stack;
 ort:  Falcon + orjson + one ONNX Runtime call on the iris model. What an
       uncached prediction costs with nothing of ours in between.
 
-Run: gunicorn -k app.worker.MeinheldWorker -w 2 --preload perf.reference_apps:echo
+Run: gunicorn -c perf/reference_gunicorn.py perf.reference_apps:echo
 """
 from __future__ import annotations
 

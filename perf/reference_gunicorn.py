@@ -1,21 +1,25 @@
-"""Gunicorn hooks for the reference apps. Passing -c stops Gunicorn from
-reading ./gunicorn.conf.py, whose hooks would load the server's models and
-metrics into the reference workers; the settings that shape throughput come
-from the command line perf/targets.py builds from app.settings."""
+"""Gunicorn configuration for the reference apps: the Gunicorn settings the
+server itself gets (app.settings.gunicorn_options, from the same MLSERVE_*
+environment), without the server's hooks, which would load its models and
+metrics into the reference workers."""
 import gc
 import logging
 import os
 
+from app import settings
+
+globals().update(settings.gunicorn_options(settings.load()))
+preload_app = True
 control_socket_disable = True
 
 
 def when_ready(server):
-    # As gunicorn.conf.py does, so neither side pays for collecting preloaded objects.
+    # As the server does, so neither side pays for collecting preloaded objects.
     gc.collect()
     gc.freeze()
 
 
 def worker_exit(server, worker):
-    # ONNX Runtime's exit handlers hang in a forked worker (see gunicorn.conf.py).
+    # ONNX Runtime's exit handlers hang in a forked worker (see app/server/hooks.py).
     logging.shutdown()
     os._exit(0)

@@ -2,7 +2,6 @@
 serve` starts it, and the reference apps under the same Gunicorn settings."""
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -12,7 +11,6 @@ from pathlib import Path
 
 import requests
 
-from app import settings as settings_module
 from perf import usage
 from tests.server import GUNICORN, ROOT
 from tests.server import Server as TestServer
@@ -87,14 +85,13 @@ class Server(TestServer):
 
 
 class Reference(Server):
-    """A reference app (perf/reference_apps.py) on the Gunicorn command line
-    our server would get from gunicorn.conf.py with the same settings."""
+    """A reference app (perf/reference_apps.py) under the Gunicorn settings our
+    server would get from the same MLSERVE_* settings (perf/reference_gunicorn.py)."""
 
     def __init__(self, app: str, config: Config):
         super().__init__(config)
         self.name = f"ref_{app}"
-        config_file = self.env.get("MLSERVE_CONFIG") or str(ROOT / settings_module.DEFAULT_CONFIG)
-        self.command = reference_command(app, settings_module.load(self.env, config_file), self.port)
+        self.command = [str(GUNICORN), "-c", str(REFERENCE_CONFIG), f"perf.reference_apps:{app}"]
 
     def start(self, timeout: float = 60.0, ready: bool = True) -> "Reference":
         self.log_file = open(self.log_path, "wb")
@@ -102,17 +99,3 @@ class Reference(Server):
                                         stdout=self.log_file, stderr=subprocess.STDOUT)
         self.wait_until("/ready", timeout)
         return self
-
-
-def reference_command(app: str, settings: settings_module.Settings, port: int) -> list[str]:
-    server = settings.server
-    # The choice gunicorn.conf.py makes.
-    if server.worker_class == "meinheld" and importlib.util.find_spec("meinheld"):
-        worker = ["-k", "app.worker.MeinheldWorker"]
-    else:
-        worker = ["-k", "gthread", "--threads", str(server.threads)]
-    return [str(GUNICORN), "-c", str(REFERENCE_CONFIG), *worker, "-w", str(server.workers),
-            "--worker-connections", str(server.worker_connections), "--keep-alive", str(server.keepalive),
-            "--timeout", str(server.timeout), "--graceful-timeout", str(server.graceful_timeout),
-            "--max-requests", str(server.max_requests), "--preload", "-b", f"127.0.0.1:{port}",
-            f"perf.reference_apps:{app}"]

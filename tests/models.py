@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from app.repository import ModelRepository, ModelVersion
-from app.training import publish_estimator
+from app.publishing import publish_estimator
 
 TOLERANCE = 1e-5
 

@@ -16,9 +16,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from sklearn import datasets
 
 from app import settings as settings_module
-from app.api import create_app
+from app.http.app import create_app
 from app.metrics import Metrics
-from app.registry import Registry, read_model_config
+from app.plan import ModelPlan, ServingPlan, read_plan
+from app.registry import Registry
 from app.repository import ModelRepository
 from tests.server import ROOT
 
@@ -35,11 +36,12 @@ IRIS_NAMES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 
 
 def build_registry(models_dir: Path, plan: dict | None = None) -> Registry:
+    """A loaded registry: the shipped config/models.yaml, or plan ({name: pinned version or None})."""
     repository = ModelRepository(models_dir)
-    if plan is None:
-        plan = read_model_config(ROOT / "config" / "models.yaml", repository)
-    registry = Registry(repository, plan, settings_module.Settings().models.verify_tolerance)
-    registry.load_all()
+    serving = read_plan(ROOT / "config" / "models.yaml") if plan is None else \
+        ServingPlan({name: ModelPlan(version) for name, version in plan.items()})
+    registry = Registry(repository, lambda: serving, settings_module.Settings().models.verify_tolerance)
+    registry.refresh()
     return registry
 
 
@@ -142,7 +144,7 @@ def test_predict_clustering(client, estimators):
 
 @pytest.mark.parametrize("name", ["iris_classifier", "binary_classifier", "diabetes_regressor"])
 def test_dict_features_equal_list_features(client, registry, name):
-    names = registry.serving[name].feature_names
+    names = registry.serving()[name].feature_names
     for row in data_of(name)[:3].tolist():
         as_list = predict(client, name, row).json
         as_dict = predict(client, name, dict(zip(names, row))).json
@@ -283,7 +285,7 @@ def test_models_list(client, registry):
     for m in models:
         assert m["task"] == TASKS[m["name"]]
         assert m["versions"] == [1] and m["serving_version"] == 1 and m["status"] == "serving"
-        assert m["features"] == registry.serving[m["name"]].feature_names
+        assert m["features"] == registry.serving()[m["name"]].feature_names
         assert m["runtime"] == "onnx"
 
 

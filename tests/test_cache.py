@@ -65,40 +65,48 @@ def test_generations_bump_one_model_or_all():
     assert generations.current("iris") == before[0] + 2 and generations.current("wine") == before[1] + 1
 
 
+class Model:
+    """What the cache reads of a model."""
+
+    def __init__(self, name: str = "iris", version: int = 1, n_features: int = 4):
+        self.name, self.version, self.n_features = name, version, n_features
+
+
 def test_keys_differ_by_version_and_by_the_float32_features():
+    cache = PredictionCache(None, None, Generations(16), Metrics())
     row = np.array([5.1, 3.5, 1.4, 0.2], dtype=np.float32)
-    key = lambda prefix, r: PredictionCache.key(prefix, r.tobytes())  # noqa: E731
-    v1 = key(b"mlserve:p:iris:1:", row)
-    assert v1 == key(b"mlserve:p:iris:1:", row.copy())
-    assert v1 != key(b"mlserve:p:iris:2:", row)
-    assert v1 != key(b"mlserve:p:iris:1:", np.nextafter(row, 10, dtype=np.float32))
+    v1_model, v2_model = Model(version=1), Model(version=2)
+    v1 = cache.key(v1_model, row.tolist())
+    assert v1 == cache.key(v1_model, row.copy().tolist())
+    assert v1 != cache.key(v2_model, row.tolist())
+    assert v1 != cache.key(v1_model, np.nextafter(row, 10, dtype=np.float32).tolist())
     # 5.1 as float64 rounds to the same float32 the model sees: same key.
-    same = np.array([5.1000000001, 3.5, 1.4, 0.2]).astype(np.float32)
-    assert v1 == key(b"mlserve:p:iris:1:", same)
-    assert v1.startswith(b"mlserve:p:iris:1:")
+    assert v1 == cache.key(v1_model, [5.1000000001, 3.5, 1.4, 0.2])
+    assert v1 == b"mlserve:p:iris:1:" + row.tobytes()
+    # A matrix's row keys are the single-row keys.
+    assert cache.keys(v1_model, row.reshape(1, -1)) == [v1]
 
 
 def test_shared_keys_are_fixed_size_and_keep_the_model_prefix():
+    cache = PredictionCache(None, None, Generations(16), Metrics())
+    wine = Model("wine", 3, 13)
     prefix = b"mlserve:p:wine:3:"
-    wide = PredictionCache.key(prefix, np.arange(13, dtype=np.float32).tobytes())
-    shared = PredictionCache.shared_key(prefix, wide)
+    wide = cache.key(wine, list(range(13)))
+    shared = cache.shared_key(wine, wide)
     assert shared.startswith(prefix) and len(shared) == len(prefix) + 32
-    other = PredictionCache.key(prefix, np.arange(1, 14, dtype=np.float32).tobytes())
-    assert PredictionCache.shared_key(prefix, other) != shared
+    other = cache.key(wine, list(range(1, 14)))
+    assert cache.shared_key(wine, other) != shared
 
 
 def test_cache_without_l2_serves_l1_and_counts_lookups():
     metrics = Metrics()
-
-    class Model:
-        name = "iris"
-
     cache = PredictionCache(LRU(10, 1000, 60), None, Generations(16), metrics)
-    assert cache.get(Model, b"k") == (None, None)
-    cache.put(Model, b"k", b"{}")
-    assert cache.get(Model, b"k") == ("l1", b"{}")
+    iris = Model()
+    assert cache.get(iris, b"k") == (None, None)
+    cache.put(iris, b"k", b"{}")
+    assert cache.get(iris, b"k") == ("l1", b"{}")
     cache.invalidate_local("iris")
-    assert cache.get(Model, b"k") == (None, None)
+    assert cache.get(iris, b"k") == (None, None)
     text = metrics.render().decode()
     assert 'mlserve_cache_lookups_total{level="l1",model="iris",result="hit"} 1.0' in text
     assert 'mlserve_cache_lookups_total{level="l1",model="iris",result="miss"} 2.0' in text

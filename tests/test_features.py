@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from app import features
+from app.cache import Generations, PredictionCache
+from app.metrics import Metrics
 from app.errors import BatchTooLarge, InvalidFeatures, InvalidField
 from app.loader import LoadedModel
 
@@ -38,13 +40,24 @@ def as_matrix(row):
     return features.matrix((row,), "features")
 
 
+CACHE = PredictionCache(None, None, Generations(16), Metrics())
+
+
+def row_key(model, row: list) -> bytes:
+    return CACHE.key(model, row)
+
+
+def key_prefix(model) -> bytes:
+    return CACHE.key_format(model).prefix
+
+
 def test_single_list(model):
     row = features.single(model, ROW)
     X = as_matrix(row)
     assert X.dtype == np.float32 and X.shape == (1, 4)
     assert X.tolist() == [[np.float32(v).item() for v in ROW]]
     # the packed bytes used for cache keys are exactly what the model sees
-    assert model.row_format.pack(*row) == X.tobytes()
+    assert row_key(model, row) == key_prefix(model) + X.tobytes()
 
 
 def test_single_integers_and_mixed(model):
@@ -64,7 +77,7 @@ def test_single_float32_extremes_are_accepted(model):
     biggest = float(np.finfo(np.float32).max)
     row = features.single(model, [biggest, -biggest, 1e-45, 0.0])
     assert np.isfinite(as_matrix(row)).all()
-    assert model.row_format.pack(*row) == as_matrix(row).tobytes()
+    assert row_key(model, row) == key_prefix(model) + as_matrix(row).tobytes()
 
 
 @pytest.mark.parametrize("value", ["5.1,3.5,1.4,0.2", 5.1, None, True, (5.1,)])

@@ -77,7 +77,7 @@ def test_what_models_yaml_pins_is_not_changed_from_the_cli(repo, tmp_path, monke
     before = serving.read_text() if serving.exists() else None
     assert cli.main(["models", "promote", "iris_classifier", "2"]) == 1
     err = capsys.readouterr().err
-    assert "conflict" in err and "pinned in config/models.yaml" in err
+    assert "conflict" in err and f"pinned in {config}" in err
     assert cli.main(["models", "rollback", "iris_classifier"]) == 1
     assert (serving.read_text() if serving.exists() else None) == before
     # What is not pinned can still change.

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from app.errors import ModelNotFound, ModelNotReady, VersionNotFound
-from app.registry import ModelPlan, Registry, read_model_config
+from app.plan import ModelPlan, ServingPlan, read_plan
+from app.registry import Registry
 from app.repository import ModelRepository
 from app.settings import SettingError
 from tests.models import TOLERANCE, edit_metadata, flip_byte, native_model, quick_classifier
@@ -27,10 +28,19 @@ def repo(tmp_path_factory) -> ModelRepository:
     return repo
 
 
-def registry(repo: ModelRepository, plan: dict) -> Registry:
-    r = Registry(repo, plan, TOLERANCE)
-    r.load_all()
+def registry(repo: ModelRepository, plan: dict | ServingPlan) -> Registry:
+    """A loaded registry serving plan ({name: pinned version or None} for short)."""
+    if isinstance(plan, dict):
+        plan = ServingPlan({name: p if isinstance(p, ModelPlan) else ModelPlan(p) for name, p in plan.items()})
+    r = Registry(repo, lambda: plan, TOLERANCE)
+    r.refresh()
     return r
+
+
+def read_model_config(path, repo: ModelRepository) -> dict:
+    """{name: ModelPlan} of every model the plan in path serves."""
+    plan = read_plan(path)
+    return {name: plan.get(name) for name in plan.names(repo)}
 
 
 def write_config(tmp_path, text: str):
@@ -90,7 +100,7 @@ def test_serves_the_newest_version(repo):
     assert r.resolve("alpha").version == 3
     assert r.resolve("beta").version == 1
     assert r.not_ready() == {}
-    assert sorted(r.loaded["alpha"]) == [1, 2, 3]
+    assert sorted(r.state("alpha").versions) == [1, 2, 3]
 
 
 def test_resolve_a_given_version(repo):
@@ -173,7 +183,7 @@ def test_broken_newest_version_leaves_the_model_not_ready(repo):
     assert older.version == 1 and older.runtime.name == "onnx"
     with pytest.raises(VersionNotFound):
         r.resolve("broken", 2)
-    assert sorted(r.loaded["broken"]) == [1]
+    assert sorted(r.state("broken").versions) == [1]
     assert r.describe("broken")["status"] == "not_ready"
 
 
@@ -200,13 +210,13 @@ def test_pinning_the_good_version_of_a_broken_model_serves(repo):
 
 def test_load_all_from_the_config_file(repo, tmp_path):
     path = write_config(tmp_path, "models:\n  alpha:\n    version: 2\n  beta: {}\n")
-    r = registry(repo, read_model_config(path, repo))
+    r = registry(repo, read_plan(path))
     assert r.resolve("alpha").version == 2
     assert r.resolve("beta").version == 1
 
 
 def test_load_all_without_a_config_file_serves_everything(repo, tmp_path):
-    r = registry(repo, read_model_config(tmp_path / "absent.yaml", repo))
+    r = registry(repo, read_plan(tmp_path / "absent.yaml"))
     assert r.resolve("alpha").version == 3
     assert r.resolve("beta").version == 1
     assert list(r.not_ready()) == ["broken"]

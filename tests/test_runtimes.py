@@ -209,7 +209,7 @@ def test_dbscan_far_point_is_noise(served):
 def test_dbscan_rule_on_a_known_layout(tmp_path):
     from sklearn.cluster import DBSCAN
 
-    from app.training import publish_estimator
+    from app.publishing import publish_estimator
 
     blob_a = np.array([[0, 0], [0.1, 0], [0, 0.1], [0.1, 0.1], [0.05, 0.05]])
     blob_b = blob_a + [5, 5]
@@ -245,7 +245,7 @@ def test_dbscan_with_no_core_samples_labels_everything_noise(tmp_path):
 def test_dbscan_with_a_non_euclidean_metric_is_refused(tmp_path):
     from sklearn.cluster import DBSCAN
 
-    from app.training import publish_estimator
+    from app.publishing import publish_estimator
 
     X, _, _ = dataset("iris")
     db = DBSCAN(eps=0.5, min_samples=5, metric="manhattan").fit(X)

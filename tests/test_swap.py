@@ -17,7 +17,7 @@ import requests
 from app import cli
 from app.lifecycle import Lifecycle
 from app.repository import ModelRepository, sha256_of
-from app.swap import notify_servers
+from app.cli.servers import notify_servers
 from tests import slow_model
 from tests.server import Server
 

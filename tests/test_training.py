@@ -10,6 +10,7 @@ import pytest
 
 from app import cli
 from app.loader import load
+from app.errors import InvalidData
 from app.repository import ModelRepository
 from app.training import build_demo_models, clean_feature_name, train_csv
 from tests.models import TOLERANCE, dataset, write_csv
@@ -149,7 +150,7 @@ def test_train_csv_regression(tmp_path):
 
 def test_train_csv_without_the_target_column_is_a_clear_error(tmp_path, cancer_csv):
     repo = ModelRepository(tmp_path / "models")
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(InvalidData) as info:
         train_csv(repo, cancer_csv, "churned", "cancer", "logistic_regression", TOLERANCE)
     message = str(info.value)
     assert "churned" in message and "target" in message
@@ -160,7 +161,7 @@ def test_train_csv_with_non_numeric_features_is_a_clear_error(tmp_path):
     path = tmp_path / "words.csv"
     path.write_text("a,b,target\n" + "".join(f"{i},x{i},{i % 2}\n" for i in range(20)))
     repo = ModelRepository(tmp_path / "models")
-    with pytest.raises(ValueError, match="numeric"):
+    with pytest.raises(InvalidData, match="numeric"):
         train_csv(repo, path, "target", "words", "logistic_regression", TOLERANCE)
     assert repo.names() == []
 
@@ -168,7 +169,7 @@ def test_train_csv_with_non_numeric_features_is_a_clear_error(tmp_path):
 def test_train_csv_with_too_few_rows_is_a_clear_error(tmp_path):
     path = tmp_path / "short.csv"
     path.write_text("a,target\n1,0\n2,1\n")
-    with pytest.raises(ValueError, match="rows"):
+    with pytest.raises(InvalidData, match="rows"):
         train_csv(ModelRepository(tmp_path / "models"), path, "target", "short", "logistic_regression", TOLERANCE)
 
 

@@ -35,15 +35,16 @@ TICK_SECONDS = 1
 
 
 class MeinheldWorker(_MeinheldWorker):
+    # Set by the post_worker_init hook (app/server/hooks.py) before run().
+    drain = None
+    max_body_bytes = 0
+
     def run(self):
         # meinheld reads a whole body before the app sees it. Bodies up to this
         # cap reach the app, which answers a JSON 413 above max_body_bytes;
         # bodies declared beyond it are refused by meinheld itself (HTML 413)
         # without being read, so a client cannot make a worker buffer them.
-        from app.wsgi import service
-
-        self.drain = service.drain
-        server.set_max_content_length(max(HTTP_BODY_CAP, 4 * service.settings.server.max_body_bytes))
+        server.set_max_content_length(max(HTTP_BODY_CAP, 4 * self.max_body_bytes))
         self.taken_back = False
         server.schedule_call(0, self.tick)
         super().run()
@@ -64,7 +65,8 @@ class MeinheldWorker(_MeinheldWorker):
             server.stop(min(DRAIN_SECONDS, int(self.cfg.graceful_timeout)) or 1)
 
     def handle_exit(self, sig, frame):
-        self.drain.active = True
+        if self.drain is not None:
+            self.drain.active = True
         self.alive = False
         self.detach_listeners()
 

@@ -7,12 +7,13 @@ import time
 import falcon
 import orjson
 
-from app.errors import BodyTooLarge, InvalidJSON, ModelNotFound
-from app.inference import Predictor, utc_now
+from app.clock import utc_now
+from app.errors import BodyTooLarge, InvalidJSON
+from app.http.errors import JSON
+from app.inference import Predictor
 from app.metrics import Metrics
 from app.registry import Registry
 
-JSON = "application/json"
 DUMP_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 
 
@@ -85,15 +86,13 @@ class Models:
         self.registry = registry
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        send(resp, {"models": [self.registry.describe(name) for name in sorted(self.registry.loaded)]})
+        send(resp, {"models": [self.registry.describe(name) for name in sorted(self.registry.models)]})
 
 
 class Model(Models):
     endpoint = "model"
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
-        if name not in self.registry.loaded:
-            raise ModelNotFound(f"no model named {name[:80]!r}", available=sorted(self.registry.loaded))
         send(resp, self.registry.describe(name))
 
 
@@ -106,7 +105,7 @@ class Health:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         send(resp, {"status": "healthy", "uptime_seconds": round(time.time() - self.started, 3),
-                    "timestamp": utc_now(), "models_serving": len(self.registry.serving)})
+                    "timestamp": utc_now(), "models_serving": len(self.registry.serving())})
 
 
 class Ready:
@@ -120,7 +119,7 @@ class Ready:
         if missing:
             send(resp, {"status": "not_ready", "not_ready": missing}, status=503)
         else:
-            send(resp, {"status": "ready", "models": sorted(self.registry.serving)})
+            send(resp, {"status": "ready", "models": sorted(self.registry.serving())})
 
 
 class MetricsText:

@@ -1,53 +1,22 @@
-"""mlserve: the command line."""
+"""mlserve predict and mlserve batch: predictions from a running server,
+for one row given on the command line or every row of a CSV file."""
 from __future__ import annotations
 
-import argparse
 import csv
-import functools
 import json
 import math
 import os
 import sys
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO
 
-from app import lifecycle_commands
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not hasattr(args, "run"):
-        parser.print_help()
-        return 2
-    try:
-        return args.run(args) or 0
-    except KeyboardInterrupt:
-        return 130
+from app.cli.context import Context
+from app.cli.output import Progress
+from app.cli.errors import CommandError, UsageError
+from app.client import MLServeError
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlserve", description="Real-time model serving.")
-    sub = parser.add_subparsers()
-
-    serve = sub.add_parser("serve", help="serve the models (Gunicorn, settings from config/server.yaml)")
-    serve.set_defaults(run=cmd_serve)
-
-    models = sub.add_parser("models", help="the model repository, and what a running server has loaded") \
-        .add_subparsers()
-    demo = models.add_parser("demo", help="train the demo models from bundled datasets (those missing)")
-    demo.add_argument("--force", action="store_true", help="add a new version even where one exists")
-    demo.set_defaults(run=cmd_demo)
-    listing = models.add_parser("list", help="the models a running server has loaded")
-    add_url(listing)
-    listing.set_defaults(run=cmd_models_list)
-    info = models.add_parser("info", help="one model as a running server describes it (JSON)")
-    info.add_argument("name")
-    add_url(info)
-    info.set_defaults(run=cmd_models_info)
-
-    lifecycle_commands.add_commands(models)
-
+def add_commands(sub, add_url, positive_int) -> None:
     predict = sub.add_parser("predict", help="one prediction from a running server; prints the response JSON")
     predict.add_argument("model")
     given = predict.add_mutually_exclusive_group(required=True)
@@ -72,154 +41,37 @@ def build_parser() -> argparse.ArgumentParser:
     add_url(batch)
     batch.set_defaults(run=cmd_batch)
 
-    train = sub.add_parser("train", help="train a model from a CSV and add it to the repository")
-    train.add_argument("csv", type=Path)
-    train.add_argument("--target", help="the target column (not needed for clustering)")
-    train.add_argument("--name", required=True, help="model name, [a-z0-9][a-z0-9_-]{0,63}")
-    train.add_argument("--algorithm", default="random_forest")
-    train.set_defaults(run=cmd_train)
-    return parser
 
-
-def repository():
-    from app import settings
-    from app.repository import ModelRepository
-
-    return ModelRepository(settings.load().models.directory)
-
-
-def cmd_serve(args) -> int:
-    gunicorn = Path(sys.executable).with_name("gunicorn")
-    os.execv(str(gunicorn), [str(gunicorn), "-c", "gunicorn.conf.py"])
-
-
-def cmd_demo(args) -> int:
-    from app.training import build_demo_models
-
-    for mv in build_demo_models(repository(), only_missing=not args.force):
-        print(f"built {mv.name} v{mv.version} ({mv.metadata['serving_runtime']}): {mv.path}")
-    return 0
-
-
-def cmd_train(args) -> int:
-    from app.repository import is_valid_name
-    from app.training import algorithms, train_csv
-
-    if not is_valid_name(args.name):
-        print(f"mlserve: bad model name {args.name!r}: use [a-z0-9][a-z0-9_-]{{0,63}}", file=sys.stderr)
-        return 2
-    if args.algorithm not in algorithms():
-        print(f"mlserve: unknown algorithm {args.algorithm!r}; one of {', '.join(algorithms())}", file=sys.stderr)
-        return 2
-    mv, report = train_csv(repository(), args.csv, args.target, args.name, args.algorithm)
-    print(report)
-    print(f"saved {mv.name} v{mv.version} ({mv.metadata['serving_runtime']}) to {mv.path}")
-    return 0
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
-
-
-def add_url(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", help="the server (default: http://HOST:PORT of server.host and server.port "
-                                      "in the settings, http://127.0.0.1:8080 unless changed)")
-
-
-def default_url() -> str:
-    """Where `mlserve serve` listens with the current settings."""
-    from app import settings
-
-    s = settings.load()
-    host, port = s.server.host, s.server.port
-    # A wildcard bind is reached through loopback; IPv6 literals need brackets in a URL.
-    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{s.bind}"
-
-
-def fail(message: str, status: int = 1) -> int:
-    print(f"mlserve: {message}", file=sys.stderr)
-    return status
-
-
-def remote(cmd: Callable) -> Callable:
-    """A command that talks to a running server: it gets a client, and every client
-    error becomes one line on stderr and exit status 1."""
-
-    @functools.wraps(cmd)
-    def run(args) -> int:
-        from app.client import MLClient, MLServeError
-        from app.settings import SettingError
-
-        try:
-            url = args.url or default_url()
-        except SettingError as exc:
-            return fail(f"bad setting: {exc}")
-        try:
-            client = MLClient(url)
-        except ValueError as exc:
-            return fail(f"--url: {exc}", 2)
-        try:
-            with client:
-                return cmd(args, client)
-        except MLServeError as exc:
-            return fail(f"{exc.code}: {exc.message}")
-
-    return run
-
-
-@remote
-def cmd_models_list(args, client) -> int:
-    rows = [("NAME", "SERVING", "VERSIONS", "TASK", "RUNTIME")]
-    for m in client.list_models():
-        serving = m.get("serving_version")
-        rows.append((m["name"], "-" if serving is None else str(serving),
-                     ",".join(map(str, m.get("versions") or [])) or "-",
-                     m.get("task") or "-", m.get("runtime") or "-"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    return 0
-
-
-@remote
-def cmd_models_info(args, client) -> int:
-    print(json.dumps(client.get_model_info(args.name), indent=2))
-    return 0
-
-
-@remote
-def cmd_predict(args, client) -> int:
+def cmd_predict(args, ctx: Context) -> int:
     if args.features_json is not None:
         try:
             features = json.loads(args.features_json)
         except json.JSONDecodeError as exc:
-            return fail(f"--json: not valid JSON ({exc})", 2)
+            raise UsageError(f"--json: not valid JSON ({exc})") from None
     else:
         try:
             features = [float(v) for v in args.features.split(",")]
         except ValueError:
-            return fail(f"--features: expected comma-separated numbers, got {args.features!r}", 2)
-    result = client.predict(args.model, features, use_cache=args.use_cache, version=args.version)
+            raise UsageError(f"--features: expected comma-separated numbers, got {args.features!r}") from None
+    with ctx.client(args.url) as client:
+        result = client.predict(args.model, features, use_cache=args.use_cache, version=args.version)
     print(json.dumps(result, indent=2))
     return 0
 
 
-class BadInput(Exception):
+class BadInput(CommandError):
     """The input CSV cannot be sent as it is; the message names the line and column."""
 
 
-@remote
-def cmd_batch(args, client) -> int:
+def cmd_batch(args, ctx: Context) -> int:
+    with ctx.client(args.url) as client:
+        return batch(args, client)
+
+
+def batch(args, client) -> int:
     info = client.get_model_info(args.model)
     if "features" not in info:
-        return fail(f"model_not_ready: {args.model} is loaded but not serving")
+        raise BadInput(f"model_not_ready: {args.model} is loaded but not serving")
     version = args.version or info["version"]
     partial = args.output.with_name(args.output.name + ".part")
     try:
@@ -228,8 +80,8 @@ def cmd_batch(args, client) -> int:
                 open(partial, "w", newline="", encoding="utf-8") as target:
             done = predict_csv(client, args, info, version, source, target, total)
         os.replace(partial, args.output)
-    except (OSError, UnicodeDecodeError, csv.Error, BadInput) as exc:
-        return fail(describe_input_error(exc, args.input))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise BadInput(describe_input_error(exc, args.input)) from None
     finally:
         partial.unlink(missing_ok=True)
     print(f"wrote {done} predictions to {args.output} ({args.model} v{version})")
@@ -239,8 +91,6 @@ def cmd_batch(args, client) -> int:
 def predict_csv(client, args, info: dict, version: int, source: IO[str], target: IO[str], total: int) -> int:
     """Stream source to target chunk by chunk. Every chunk names the same version, so
     a model swapped on the server mid-run cannot mix two models in one file."""
-    from app.client import MLServeError
-
     features = info["features"]
     reader = csv.reader(source)
     writer = csv.writer(target)
@@ -349,31 +199,11 @@ def describe_input_error(exc: Exception, path: Path) -> str:
     return str(exc)
 
 
-class Progress:
-    """A one-line progress bar, drawn only when the stream is a terminal."""
-
-    def __init__(self, total: int, stream: IO[str], width: int = 30):
-        self.total = total
-        self.stream = stream
-        self.width = width
-        self.shown = stream.isatty()
-        self.closed = False
-
-    def update(self, done: int) -> None:
-        if not self.shown:
-            return
-        fraction = done / self.total if self.total else 1.0
-        filled = int(self.width * min(fraction, 1.0))
-        bar = "#" * filled + "." * (self.width - filled)
-        self.stream.write(f"\r[{bar}] {done}/{self.total} rows ({fraction:.0%})")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.shown and not self.closed:
-            self.stream.write("\n")
-            self.stream.flush()
-        self.closed = True
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def describe_input_error(exc: Exception, path: Path) -> str:
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+    if isinstance(exc, csv.Error):
+        return f"{path}: not readable as CSV ({exc})"
+    return str(exc)

@@ -8,12 +8,11 @@ import falcon
 
 from app.cache import PredictionCache
 from app.control import ControlChannel
-from app.errors import Forbidden, InvalidField, ModelNotFound, Unauthorized
+from app.errors import Forbidden, InvalidField, NotFound, Unauthorized
+from app.http.resources import read_json, send
 from app.lifecycle import Lifecycle
 from app.registry import Registry
-from app.repository import is_valid_name
-from app.resources import read_json, send
-from app.swap import SwapTrigger
+from app.reload import ReloadTrigger
 
 
 class AdminAuth:
@@ -45,8 +44,8 @@ class CacheInvalidate:
         name = body.get("model_name")
         if name is not None and type(name) is not str:
             raise InvalidField("model_name must be a string")
-        if name is not None and name not in self.registry.loaded:
-            raise ModelNotFound(f"no model named {name[:80]!r}", available=sorted(self.registry.loaded))
+        if name is not None:
+            self.registry.state(name)  # ModelNotFound for a model this server does not hold
         deleted = None
         if self.cache is not None:
             self.cache.invalidate_local(name)
@@ -59,22 +58,21 @@ class ModelAction:
     """POST /api/v1/admin/models/{name}/{action}, action one of:
     promote {"version": N}, rollback {}, split {"weights": {"1": 90, "2": 10}} ({} or null ends it),
     shadow {"version": N} (null stops it), reload {}. Each may carry a "reason".
-    The change is checked (the version loads and verifies) before it is made;
-    then every server reloads."""
+    The change is checked (the version loads and verifies, models.yaml does
+    not pin it) before it is made; then every server reloads."""
     endpoint = "admin_model"
     ACTIONS = ("promote", "rollback", "split", "shadow", "reload")
 
-    def __init__(self, auth: AdminAuth, registry: Registry, lifecycle: Lifecycle, swap: SwapTrigger,
+    def __init__(self, auth: AdminAuth, registry: Registry, lifecycle: Lifecycle, reloads: ReloadTrigger,
                  max_body_bytes: int):
-        self.auth, self.registry, self.lifecycle, self.swap = auth, registry, lifecycle, swap
+        self.auth, self.registry, self.lifecycle, self.reloads = auth, registry, lifecycle, reloads
         self.limit = max_body_bytes
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, name: str, action: str) -> None:
         self.auth.check(req)
         if action not in self.ACTIONS:
-            raise falcon.HTTPNotFound(description=f"no admin action {action[:40]!r}; one of {', '.join(self.ACTIONS)}")
-        if not is_valid_name(name) or name not in self.registry.plan:
-            raise ModelNotFound(f"no model named {name[:80]!r} is configured", available=sorted(self.registry.plan))
+            raise NotFound(f"no admin action {action[:40]!r}; one of {', '.join(self.ACTIONS)}")
+        self.registry.state(name)  # ModelNotFound for a model this server does not hold
         body = read_json(req, self.limit) if req.content_length else {}
         reason = body.get("reason") or ""
         if type(reason) is not str:
@@ -83,10 +81,9 @@ class ModelAction:
         state = self.apply(name, action, body, by, reason)
         send(resp, {"model": name, "action": action, "serving_version": state.get("version"),
                     "previous_version": state.get("previous"), "split": state.get("split") or None,
-                    "shadow_version": state.get("shadow"), "swap": self.swap.request(f"{action} {name}")})
+                    "shadow_version": state.get("shadow"), "swap": self.reloads.request(f"{action} {name}")})
 
     def apply(self, name: str, action: str, body: dict, by: str, reason: str) -> dict:
-        self.registry.plan[name].allow(name, action)
         if action == "promote":
             return self.lifecycle.promote(name, body.get("version"), by, reason)
         if action == "rollback":
@@ -95,4 +92,4 @@ class ModelAction:
             return self.lifecycle.split(name, body.get("weights"), by, reason)
         if action == "shadow":
             return self.lifecycle.shadow(name, body.get("version"), by, reason)
-        return self.lifecycle.repository.serving_state(name) or {}
+        return self.lifecycle.serving_state(name)

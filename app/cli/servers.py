@@ -1,0 +1,45 @@
+"""How the CLI finds the servers it talks to: a URL for the commands that ask
+a running server, and the reload that tells running servers the repository
+changed (a Redis message when Redis is configured, else SIGHUP to the master
+named in the pid file)."""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from app.cli.errors import UsageError
+from app.client import MLClient
+from app.control import ControlChannel
+from app.reload import reload_message
+from app.settings import Settings
+
+
+def default_url(settings: Settings) -> str:
+    """Where `mlserve serve` listens with these settings."""
+    host, port = settings.server.host, settings.server.port
+    # A wildcard bind is reached through loopback; IPv6 literals need brackets in a URL.
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def client(url: str | None, settings: Settings | None) -> MLClient:
+    try:
+        return MLClient(url or default_url(settings))
+    except ValueError as exc:
+        raise UsageError(f"--url: {exc}") from None
+
+
+def notify_servers(redis_url: str, pid_file: Path, reason: str) -> str:
+    """Tell running servers that the repository changed; what was done, for the user."""
+    if redis_url:
+        delivered = ControlChannel(redis_url).publish(reload_message("cli", reason))
+        if delivered:
+            return f"reload sent to {delivered} worker(s) through Redis"
+    try:
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError):
+        return f"no running server found (no Redis message delivered, no master at {pid_file}); " \
+               "the change applies when a server starts"
+    return f"sent SIGHUP to the master (pid {pid})"

@@ -1,0 +1,44 @@
+"""The WSGI entry point: Gunicorn loads `app.server.wsgi:get_app()`.
+
+With preload_app, get_app() runs once, in the master, before the workers
+are forked: every model is loaded there and shared with them. Importing this
+module loads nothing.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+import falcon
+
+from app import settings as settings_module
+from app.service import Service, build_service
+from app.server import runtime
+
+_service: Service | None = None
+
+
+def get_app() -> falcon.App:
+    global _service
+    if _service is None:
+        settings = settings_module.load()
+        configure_logging(settings.monitoring.log_level)
+        _service = build_service(settings, signal_master, runtime.directory())
+    return _service.app
+
+
+def service() -> Service:
+    """The service get_app() built (the server hooks act on it)."""
+    if _service is None:
+        raise RuntimeError("get_app() has not run in this process")
+    return _service
+
+
+def signal_master() -> None:
+    """Called in a worker: its master reloads on SIGHUP."""
+    os.kill(os.getppid(), signal.SIGHUP)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
