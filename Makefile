@@ -6,7 +6,11 @@ STAMP  := $(VENV)/.installed
 DEMO   := iris_classifier binary_classifier diabetes_regressor wine_clusters
 SYSTEM_PACKAGES := redis-server wrk nginx
 
-.PHONY: install models serve test system-deps bench bench-mlserver clean
+# ruff: pyflakes, pycodestyle, bugbear, and no function more complex than 15.
+RUFF := --select E,F,W,C901,B --ignore B905 --line-length 140 --target-version py311 \
+        --config lint.mccabe.max-complexity=15 --extend-exclude tests/data
+
+.PHONY: install models serve test test-fast lint system-deps bench bench-mlserver clean
 
 install: $(STAMP)
 
@@ -33,8 +37,15 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-test: install system-deps models
+lint: install
+	$(BIN)/ruff check $(RUFF) app tests perf gunicorn.conf.py
+
+test: install system-deps models lint
 	$(BIN)/python -m pytest
+
+# The edit loop: lint and every test that starts no server or other process.
+test-fast: install models lint
+	$(BIN)/python -m pytest -m "not server"
 
 # The full suite; narrow it with e.g. make bench BENCH_ARGS="--scenario predict_uncached --connections 32"
 bench: install system-deps models

@@ -1,9 +1,13 @@
 """A deliberately slow regressor, importable by the server under test, for
 shutdown and timeout tests. predict() sleeps for the first feature's value in
-seconds (0 or less: no sleep) and returns the second feature."""
+seconds (0 or less: no sleep) and returns the second feature. With
+SLOW_MODEL_MARKS set to a directory in the server's environment, it creates
+started-<seconds> there as it starts to sleep, so a test can wait for a
+request to be inside the model."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -19,8 +23,15 @@ class SlowRegressor:
     def predict(self, X):
         X = np.asarray(X)
         if X[0, 0] > 0:
+            if os.environ.get("SLOW_MODEL_MARKS"):
+                Path(os.environ["SLOW_MODEL_MARKS"], f"started-{float(X[0, 0]):g}").touch()
             time.sleep(float(X[0, 0]))
         return X[:, 1].copy()
+
+
+def started(marks: Path, seconds: float) -> bool:
+    """Whether a request sleeping `seconds` is inside the model (see SLOW_MODEL_MARKS)."""
+    return (marks / f"started-{seconds:g}").exists()
 
 
 def publish(root: Path, name: str = "slow_model") -> Path:

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sklearn import datasets
 
 from app import settings as settings_module
+from app.cache import LRU, Generations, PredictionCache
 from app.http.app import create_app
 from app.metrics import Metrics
 from app.plan import ModelPlan, ServingPlan, read_plan
@@ -171,10 +172,16 @@ def test_pinned_version(client):
     assert predict(client, "iris_classifier", SETOSA, version=2).json["error"]["code"] == "version_not_found"
 
 
-def test_use_cache_flag_accepted(client):
-    for flag in (True, False):
-        r = predict(client, "iris_classifier", SETOSA, use_cache=flag)
-        assert r.status_code == 200 and r.json["prediction"] == 0
+def test_use_cache_false_neither_reads_nor_fills_the_cache(registry, tmp_path):
+    metrics = Metrics()
+    cache = PredictionCache(LRU(100, 1 << 20, 60), None, Generations(16), metrics)
+    client = testing.TestClient(create_app(make_settings(tmp_path), registry, metrics, cache=cache))
+    levels = [predict(client, "iris_classifier", SETOSA, use_cache=flag).json["from_cache"]
+              for flag in (False, True, True, False)]
+    assert levels == [False, False, "l1", False]
+    assert len(cache.l1) == 1
+    answers = [predict(client, "iris_classifier", SETOSA, use_cache=flag).json for flag in (True, False)]
+    assert answers[0]["probabilities"] == answers[1]["probabilities"]
 
 
 # --- batch_predict ------------------------------------------------------------
@@ -418,6 +425,11 @@ def test_rate_limit_fourth_request_in_the_burst_is_refused(registry, tmp_path):
     assert other.status_code == 200 and other.json["prediction"] == 0
 
 
-def test_rate_limit_off_by_default(client):
+def test_rate_limit_off_by_default(registry, tmp_path):
+    # The limits that refuse the fourth request above, but not enabled.
+    settings = make_settings(tmp_path, MLSERVE_RATE_LIMITING_REQUESTS_PER_SECOND="1", MLSERVE_RATE_LIMITING_BURST="3")
+    client = testing.TestClient(create_app(settings, registry, Metrics()))
+    body = {"model_name": "iris_classifier", "features": SETOSA}
     for _ in range(20):
-        assert client.simulate_get("/health", remote_addr="10.1.2.3").status_code == 200
+        r = client.simulate_post("/api/v1/predict", json=body, remote_addr="10.1.2.3")
+        assert r.status_code == 200 and r.json["prediction"] == 0

@@ -27,7 +27,6 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -121,13 +120,8 @@ def exchange(port: int, case: dict) -> tuple[int, dict, bytes]:
 @pytest.fixture(scope="module")
 def workers_before(server) -> list[int]:
     """The worker pids once every worker has booted, before the table runs."""
-    deadline = time.monotonic() + 30
-    pids = server.worker_pids()
-    while len(pids) < WORKERS and time.monotonic() < deadline:
-        time.sleep(0.05)
-        pids = server.worker_pids()
-    assert len(pids) == WORKERS, f"expected {WORKERS} workers, found {pids}"
-    return sorted(pids)
+    server.wait_for_workers(WORKERS)
+    return sorted(server.worker_pids())
 
 
 def test_table_is_large_and_covers_every_client_error():

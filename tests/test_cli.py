@@ -44,6 +44,7 @@ def iris_csv(path) -> list[dict[str, str]]:
     return rows
 
 
+@pytest.mark.server
 def test_models_list_prints_a_table(server, capsys):
     status, out, err = run(capsys, "models", "list", "--url", server.url)
     assert status == 0 and err == ""
@@ -61,6 +62,7 @@ def test_models_list_prints_a_table(server, capsys):
                for line in out.splitlines() if "classification" in line)
 
 
+@pytest.mark.server
 def test_models_list_marks_a_model_that_is_not_serving(degraded_server, capsys):
     status, out, _ = run(capsys, "models", "list", "--url", degraded_server.url)
     assert status == 0
@@ -70,6 +72,7 @@ def test_models_list_marks_a_model_that_is_not_serving(degraded_server, capsys):
     ]
 
 
+@pytest.mark.server
 def test_the_url_defaults_to_the_configured_bind(server, capsys, monkeypatch):
     monkeypatch.setenv("MLSERVE_BIND", f"127.0.0.1:{server.port}")
     status, out, _ = run(capsys, "models", "list")
@@ -79,6 +82,7 @@ def test_the_url_defaults_to_the_configured_bind(server, capsys, monkeypatch):
     assert status == 1 and err.startswith("mlserve: connection_failed: cannot reach http://127.0.0.1:")
 
 
+@pytest.mark.server
 def test_models_info_prints_pretty_json(server, client, capsys):
     status, out, _ = run(capsys, "models", "info", "iris_classifier", "--url", server.url)
     assert status == 0
@@ -86,6 +90,7 @@ def test_models_info_prints_pretty_json(server, client, capsys):
     assert '\n  "features": [\n    "sepal_length",' in out
 
 
+@pytest.mark.server
 def test_predict_with_features_prints_the_response(server, capsys):
     status, out, _ = run(capsys, "predict", "iris_classifier", "--features", "5.1,3.5,1.4,0.2", "--url", server.url)
     assert status == 0
@@ -95,6 +100,7 @@ def test_predict_with_features_prints_the_response(server, capsys):
     assert result["latency_ms"] > 0 and result["client_latency_ms"] > 0
 
 
+@pytest.mark.server
 def test_predict_with_json_by_name_and_options(server, capsys):
     features = json.dumps(dict(zip(IRIS_FEATURES, [7.3, 2.9, 6.3, 1.8])))
     status, out, _ = run(capsys, "predict", "iris_classifier", "--json", features, "--version", "1",
@@ -107,6 +113,7 @@ def test_predict_with_json_by_name_and_options(server, capsys):
     assert status == 0 and isinstance(json.loads(out)["prediction"], float)
 
 
+@pytest.mark.server
 def test_predict_errors_are_one_line_and_status_1(server, capsys):
     status, out, err = run(capsys, "predict", "iris_classifier", "--features", "5.1,3.5", "--url", server.url)
     assert (status, out) == (1, "")
@@ -128,6 +135,7 @@ def test_predict_without_a_server_is_one_line_not_a_traceback(capsys):
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.server
 def test_predict_refuses_bad_arguments_before_sending(server, capsys):
     status, _, err = run(capsys, "predict", "iris_classifier", "--features", "5.1,abc", "--url", server.url)
     assert (status, err) == (2, "mlserve: --features: expected comma-separated numbers, got '5.1,abc'\n")
@@ -141,6 +149,7 @@ def test_predict_refuses_bad_arguments_before_sending(server, capsys):
     assert "one of the arguments --features --json is required" in capsys.readouterr().err
 
 
+@pytest.mark.server
 def test_batch_writes_every_row_with_predictions_and_probabilities(server, client, tmp_path, capsys):
     source, target = tmp_path / "iris.csv", tmp_path / "scored.csv"
     rows = iris_csv(source)
@@ -165,6 +174,7 @@ def test_batch_writes_every_row_with_predictions_and_probabilities(server, clien
     assert not (tmp_path / "scored.csv.part").exists()
 
 
+@pytest.mark.server
 def test_batch_without_header_takes_columns_in_model_order(server, tmp_path, capsys):
     with_header, headerless = tmp_path / "named.csv", tmp_path / "plain.csv"
     rows = iris_csv(with_header)
@@ -180,6 +190,7 @@ def test_batch_without_header_takes_columns_in_model_order(server, tmp_path, cap
     assert plain[1:] == [[r[f] for f in IRIS_FEATURES] + n[5:] for r, n in zip(rows, named[1:])]
 
 
+@pytest.mark.server
 def test_batch_for_a_regressor_has_no_probability_columns(server, client, tmp_path, capsys):
     data = load_diabetes()
     source, target = tmp_path / "diabetes.csv", tmp_path / "out.csv"
@@ -194,6 +205,7 @@ def test_batch_for_a_regressor_has_no_probability_columns(server, client, tmp_pa
         assert float(written[-1]) == pytest.approx(client.predict("diabetes_regressor", x)["prediction"], rel=1e-6)
 
 
+@pytest.mark.server
 def test_batch_with_only_a_header_writes_only_a_header(server, tmp_path, capsys):
     source, target = tmp_path / "empty.csv", tmp_path / "out.csv"
     write_csv(source, IRIS_FEATURES, [])
@@ -202,6 +214,7 @@ def test_batch_with_only_a_header_writes_only_a_header(server, tmp_path, capsys)
     assert read_csv(target) == [IRIS_FEATURES + ["prediction", "p_0", "p_1", "p_2"]]
 
 
+@pytest.mark.server
 def test_batch_refuses_input_it_cannot_send(server, tmp_path, capsys):
     target = tmp_path / "out.csv"
     source = tmp_path / "in.csv"
@@ -225,6 +238,7 @@ def test_batch_refuses_input_it_cannot_send(server, tmp_path, capsys):
     assert not target.exists() and list(tmp_path.glob("*.part")) == []
 
 
+@pytest.mark.server
 def test_batch_server_errors_name_the_rows_and_leave_no_output(degraded_server, tmp_path, capsys):
     source, target = tmp_path / "iris.csv", tmp_path / "out.csv"
     iris_csv(source)
@@ -249,6 +263,7 @@ class Terminal(io.StringIO):
         return True
 
 
+@pytest.mark.server
 def test_batch_draws_a_progress_bar_on_a_terminal(server, tmp_path, capsys, monkeypatch):
     source = tmp_path / "iris.csv"
     iris_csv(source)
@@ -263,6 +278,7 @@ def test_batch_draws_a_progress_bar_on_a_terminal(server, tmp_path, capsys, monk
     assert frames[-1] == "[" + "#" * 30 + "] 150/150 rows (100%)\n"
 
 
+@pytest.mark.server
 def test_batch_rejects_a_chunk_size_below_one(server, tmp_path, capsys):
     with pytest.raises(SystemExit) as exited:
         main(["batch", "iris_classifier", "in.csv", "out.csv", "--chunk-size", "0", "--url", server.url])

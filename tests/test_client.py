@@ -27,6 +27,7 @@ def limited_server(demo_models):
         yield running
 
 
+@pytest.mark.server
 def test_predict_returns_the_server_answer_and_the_round_trip(client):
     result = client.predict("iris_classifier", SETOSA, use_cache=False)
     assert result["prediction"] == 0
@@ -40,6 +41,7 @@ def test_predict_returns_the_server_answer_and_the_round_trip(client):
     assert 0 < result["latency_ms"] < result["client_latency_ms"]
 
 
+@pytest.mark.server
 def test_predict_by_feature_name_numpy_and_pinned_version_agree(client):
     by_list = client.predict("iris_classifier", VIRGINICA)
     by_name = client.predict("iris_classifier", dict(zip(IRIS_FEATURES, VIRGINICA)))
@@ -50,6 +52,7 @@ def test_predict_by_feature_name_numpy_and_pinned_version_agree(client):
     assert pinned["model_version"] == 1
 
 
+@pytest.mark.server
 def test_batch_predict_matches_single_predictions(client):
     rows = [SETOSA, VERSICOLOR, VIRGINICA]
     batch = client.batch_predict("iris_classifier", rows)
@@ -63,6 +66,7 @@ def test_batch_predict_matches_single_predictions(client):
     assert client.batch_predict("iris_classifier", np.array(rows), version=1)["predictions"] == [0, 1, 2]
 
 
+@pytest.mark.server
 def test_batch_predict_for_a_regressor_has_values_and_no_probabilities(client):
     rows = [[0.01 * i] * 10 for i in range(4)]
     batch = client.batch_predict("diabetes_regressor", rows)
@@ -70,6 +74,7 @@ def test_batch_predict_for_a_regressor_has_values_and_no_probabilities(client):
     assert batch["predictions"] == pytest.approx([client.predict("diabetes_regressor", r)["prediction"] for r in rows])
 
 
+@pytest.mark.server
 def test_get_model_info_describes_the_serving_model(client):
     info = client.get_model_info("iris_classifier")
     assert info["name"] == "iris_classifier"
@@ -79,6 +84,7 @@ def test_get_model_info_describes_the_serving_model(client):
     assert info["serving_version"] == 1 and info["versions"] == [1] and info["status"] == "serving"
 
 
+@pytest.mark.server
 def test_list_models_names_every_demo_model(client):
     models = client.list_models()
     assert [m["name"] for m in models] == DEMO
@@ -88,6 +94,7 @@ def test_list_models_names_every_demo_model(client):
     assert all(m["status"] == "serving" for m in models)
 
 
+@pytest.mark.server
 def test_health_ready_and_metrics(client):
     health = client.health_check()
     assert health["status"] == "healthy" and health["models_serving"] == 4
@@ -98,6 +105,7 @@ def test_health_ready_and_metrics(client):
     assert 'mlserve_requests_total{endpoint="predict",model="iris_classifier"' in metrics
 
 
+@pytest.mark.server
 def test_unknown_model_is_not_found_with_the_server_code(client):
     for call in (lambda: client.predict("no_such_model", SETOSA),
                  lambda: client.batch_predict("no_such_model", [SETOSA]),
@@ -111,6 +119,7 @@ def test_unknown_model_is_not_found_with_the_server_code(client):
         assert isinstance(error, MLServeError)
 
 
+@pytest.mark.server
 def test_unknown_version_is_not_found(client):
     with pytest.raises(NotFound) as caught:
         client.predict("iris_classifier", SETOSA, version=7)
@@ -118,6 +127,7 @@ def test_unknown_version_is_not_found(client):
     assert caught.value.body["error"]["available"] == [1]
 
 
+@pytest.mark.server
 def test_model_names_are_sent_verbatim_not_as_url_syntax(client):
     # Unquoted, "?" would start a query string and this would describe iris_classifier.
     with pytest.raises(NotFound) as caught:
@@ -126,6 +136,7 @@ def test_model_names_are_sent_verbatim_not_as_url_syntax(client):
     assert caught.value.message == "no model named 'iris_classifier?version=1'"
 
 
+@pytest.mark.server
 def test_wrong_feature_count_is_invalid_features(client):
     with pytest.raises(InvalidRequest) as caught:
         client.predict("iris_classifier", [1.0, 2.0, 3.0])
@@ -136,6 +147,7 @@ def test_wrong_feature_count_is_invalid_features(client):
     assert str(error) == f"HTTP 422 invalid_features: {error.message}"
 
 
+@pytest.mark.server
 def test_other_refused_requests_are_invalid_request(client):
     with pytest.raises(InvalidRequest) as caught:
         client.batch_predict("iris_classifier", [])
@@ -148,6 +160,7 @@ def test_other_refused_requests_are_invalid_request(client):
     assert caught.value.code == "invalid_features"
 
 
+@pytest.mark.server
 def test_too_many_rows_is_invalid_request_413(degraded_server):
     with MLClient(degraded_server.url) as client:
         assert client.batch_predict("iris_classifier", [SETOSA] * 5)["count"] == 5
@@ -156,6 +169,7 @@ def test_too_many_rows_is_invalid_request_413(degraded_server):
     assert (caught.value.status, caught.value.code) == (413, "batch_too_large")
 
 
+@pytest.mark.server
 def test_a_model_that_is_not_serving_is_a_server_error_and_not_ready(degraded_server):
     with MLClient(degraded_server.url) as client:
         with pytest.raises(ServerError) as caught:
@@ -166,6 +180,7 @@ def test_a_model_that_is_not_serving_is_a_server_error_and_not_ready(degraded_se
         assert client.predict("iris_classifier", SETOSA)["prediction"] == 0
 
 
+@pytest.mark.server
 def test_too_many_requests_is_rate_limited_with_retry_after(limited_server):
     with MLClient(limited_server.url) as client:
         with pytest.raises(RateLimited) as caught:
@@ -214,6 +229,7 @@ class ProxyPage(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.server
 def test_answers_not_from_mlserve_are_still_typed_errors():
     proxy = ThreadingHTTPServer(("127.0.0.1", 0), ProxyPage)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()

@@ -5,6 +5,7 @@ import json
 import shutil
 
 import joblib
+import requests
 import pytest
 from sklearn.datasets import load_iris
 from sklearn.ensemble import RandomForestClassifier
@@ -83,3 +84,86 @@ def test_what_models_yaml_pins_is_not_changed_from_the_cli(repo, tmp_path, monke
     # What is not pinned can still change.
     assert cli.main(["models", "split", "iris_classifier", "1=90,2=10"]) == 0
     assert state(repo)["split"] == {"1": 90.0, "2": 10.0}
+
+
+# --- the CLI's one error boundary ---------------------------------------------
+
+def one_line_error(capsys, argv: list[str], status: int = 1) -> str:
+    """Run the CLI; it must fail with status and exactly one line on stderr, no traceback."""
+    assert cli.main(argv) == status
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and err.startswith("mlserve: ") and "Traceback" not in err, err
+    return err.strip()
+
+
+def test_user_mistakes_are_one_line_and_status_1(repo, tmp_path, capsys):
+    short = tmp_path / "short.csv"
+    short.write_text("a,b,target\n" + "1,2,0\n" * 5)
+    assert "5 data rows" in one_line_error(capsys, ["train", str(short), "--target", "target", "--name", "m"])
+    rows = tmp_path / "rows.csv"
+    rows.write_text("a,b,label\n" + "".join(f"{i},{i % 3},{i % 2}\n" for i in range(30)))
+    assert "no target column 'nope'; columns: a, b, label" in one_line_error(
+        capsys, ["train", str(rows), "--target", "nope", "--name", "m"])
+    assert "name its column with --target" in one_line_error(capsys, ["train", str(rows), "--name", "m"])
+    text = tmp_path / "notes.txt"
+    text.write_text("not a model")
+    assert "artifacts are .onnx, .joblib or .pkl" in one_line_error(
+        capsys, ["models", "publish", str(text), "--name", "iris_classifier"])
+    fake = tmp_path / "fake.onnx"
+    fake.write_bytes(b"not a graph")
+    assert "not a loadable ONNX model" in one_line_error(
+        capsys, ["models", "publish", str(fake), "--name", "iris_classifier"])
+    assert "no model named 'nope'" in one_line_error(capsys, ["models", "promote", "nope", "1"])
+    assert "no model named 'nope'" in one_line_error(capsys, ["models", "versions", "nope"])
+    missing = tmp_path / "missing.csv"
+    assert str(missing) in one_line_error(capsys, ["train", str(missing), "--target", "t", "--name", "m"])
+    assert repo.joinpath("m").exists() is False
+
+
+def test_predict_without_a_running_server_is_one_line(capsys):
+    from tests.server import free_port
+
+    err = one_line_error(capsys, ["predict", "iris_classifier", "--features", "1,2,3,4",
+                                  "--url", f"http://127.0.0.1:{free_port()}"])
+    assert "connection_failed: cannot reach http://127.0.0.1:" in err
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("models:\n  iris_classifier: {versoin: 2}\n", "models.iris_classifier.versoin: unknown option; allowed: version"),
+    ("models:\n  iris_classifier: {version: [\n", "not valid YAML at line"),
+    ("models: [iris_classifier]\n", "models: expected a mapping of model name to options"),
+])
+def test_a_broken_models_yaml_is_one_line(repo, tmp_path, monkeypatch, capsys, text, fragment):
+    config = tmp_path / "models.yaml"
+    config.write_text(text)
+    monkeypatch.setenv("MLSERVE_MODELS_CONFIG", str(config))
+    assert fragment in one_line_error(capsys, ["models", "promote", "iris_classifier", "1"])
+
+
+# --- publish means serve --------------------------------------------------------
+
+def test_a_model_not_in_the_models_yaml_list_is_refused_with_the_fix(repo, tmp_path, monkeypatch, capsys):
+    config = tmp_path / "models.yaml"
+    config.write_text("models:\n  iris_classifier: {}\n")
+    monkeypatch.setenv("MLSERVE_MODELS_CONFIG", str(config))
+    err = one_line_error(capsys, ["models", "publish", str(forest(tmp_path / "f.joblib")), "--name", "my_model"])
+    assert f"my_model is not listed in {config}" in err and "add 'my_model: {}' under models:" in err
+    assert not (repo / "my_model").exists()
+
+
+@pytest.mark.server
+def test_a_model_published_under_a_new_name_is_served_after_the_reload(repo, tmp_path, monkeypatch, capsys):
+    from tests.server import Server
+    from tests.wait import until
+
+    with Server(repo, workers=1) as server:  # the shipped config/models.yaml
+        monkeypatch.setenv("MLSERVE_SERVER_PID_FILE", str(server.pid_file))
+        assert cli.main(["models", "publish", str(forest(tmp_path / "f.joblib")), "--name", "my_model"]) == 0
+        out = capsys.readouterr().out
+        assert "published my_model v1 (onnx), serving" in out and "sent SIGHUP to the master" in out
+
+        def answered() -> dict | None:
+            r = requests.post(server.url + "/api/v1/predict",
+                              json={"model_name": "my_model", "features": [5.1, 3.5, 1.4, 0.2]})
+            return r.json() if r.status_code == 200 else None
+        assert until(answered, what="my_model is served")["model_version"] == 1

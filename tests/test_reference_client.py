@@ -2,6 +2,8 @@
 as published with the API) runs against the real server and gets right answers."""
 from __future__ import annotations
 
+import pytest
+
 import runpy
 import sys
 from pathlib import Path
@@ -9,6 +11,7 @@ from pathlib import Path
 CLIENT = Path(__file__).parent / "data" / "reference_client.py"
 
 
+@pytest.mark.server
 def test_reference_client_example_runs_unchanged(server, tmp_path, capsys):
     # Only the address differs: the example hard-codes localhost:8080.
     source = CLIENT.read_text().replace("http://localhost:8080", server.url)
@@ -22,6 +25,7 @@ def test_reference_client_example_runs_unchanged(server, tmp_path, capsys):
     assert "P99 latency" in out
 
 
+@pytest.mark.server
 def test_reference_client_against_every_demo_model(server):
     sys.path.insert(0, str(CLIENT.parent))
     try:

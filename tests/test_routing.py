@@ -28,8 +28,18 @@ def test_a_key_always_lands_on_the_same_version():
     for i in range(1000):
         key = f"user-{i}"
         assert len({route.pick(key).version for _ in range(5)}) == 1
-    # stable across processes and runs: the hash is not Python's salted hash()
-    assert key_point("user-1") == key_point("user-1") and 0 <= key_point("user-1") < 1
+
+
+def test_key_points_are_the_same_on_every_host_and_run():
+    # Golden values: a salted hash (Python's hash()) or another digest would
+    # move callers between versions when a worker, a host or a release changes.
+    assert key_point("user-1") == 0.6041924073669338
+    assert key_point("user-22") == 0.9758206144184534
+    assert key_point("customer-42") == 0.20265168573428766
+    assert key_point("") == 0.8931675160897388
+    route = Route([(Version(1), 80), (Version(2), 20)])
+    assert {k: route.pick(k).version for k in ("user-1", "user-2", "user-3", "user-22", "user-99")} == \
+        {"user-1": 1, "user-2": 1, "user-3": 2, "user-22": 2, "user-99": 1}
 
 
 def test_without_a_key_the_split_is_random_but_weighted():

@@ -1,17 +1,20 @@
 """The process model: graceful SIGTERM, metrics summed over workers, readiness."""
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import re
 import signal
+import socket
 import threading
-import time
 
 import pytest
 import requests
 
 from tests import slow_model
 from tests.server import Server
+from tests.wait import until
 
 IRIS = {"model_name": "iris_classifier", "features": [5.1, 3.5, 1.4, 0.2], "use_cache": False}
 
@@ -20,7 +23,15 @@ def start_slow_server(models, tmp_path, workers: int, env: dict | None = None) -
     slow_model.publish(models)
     config = tmp_path / "models.yaml"
     config.write_text("models:\n  slow_model: {}\n  iris_classifier: {}\n")
-    return Server(models, workers=workers, models_config=config, env=env).start()
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    server = Server(models, workers=workers, models_config=config, env={"SLOW_MODEL_MARKS": str(marks), **(env or {})})
+    server.marks = marks
+    return server.start()
+
+
+def inside_the_model(server: Server, seconds: float) -> None:
+    until(lambda: slow_model.started(server.marks, seconds), what=f"the {seconds} s request is inside the model")
 
 
 @pytest.fixture
@@ -34,6 +45,7 @@ def slow(seconds: float) -> dict:
     return {"model_name": "slow_model", "features": [seconds, 42.0], "use_cache": False}
 
 
+@pytest.mark.server
 def test_sigterm_lets_requests_in_flight_finish(slow_server):
     results = {}
 
@@ -42,20 +54,19 @@ def test_sigterm_lets_requests_in_flight_finish(slow_server):
 
     caller = threading.Thread(target=slow_request)
     caller.start()
-    time.sleep(0.5)  # the request is now inside the model
-    started = time.monotonic()
+    inside_the_model(slow_server, 1.5)
     slow_server.process.send_signal(signal.SIGTERM)
     caller.join(15)
-    code = slow_server.process.wait(15)
+    code = slow_server.process.wait(15)  # well inside the 30 s graceful timeout
     response = results["response"]
     assert response.status_code == 200
     assert response.json()["prediction"] == pytest.approx(42.0)
     assert code == 0
-    assert time.monotonic() - started < 10
     with pytest.raises(requests.ConnectionError):
         requests.get(slow_server.url + "/health", timeout=2)
 
 
+@pytest.mark.server
 def test_a_worker_retired_mid_request_from_the_accept_queue_still_exits(fresh_models, tmp_path):
     # One worker, busy: the next connections wait in the listen backlog with
     # their requests sent, so the worker serves them straight from its accept
@@ -64,33 +75,38 @@ def test_a_worker_retired_mid_request_from_the_accept_queue_still_exits(fresh_mo
     server = start_slow_server(fresh_models, tmp_path, workers=1, env={"MLSERVE_SERVER_GRACEFUL_TIMEOUT": "90"})
     try:
         worker = server.worker_pids()[0]
-        answers = {}
-
-        def send(key: str, body: dict) -> None:
-            answers[key] = requests.post(server.url + "/api/v1/predict", json=body, timeout=30)
-
-        callers = [threading.Thread(target=send, args=("busy", slow(1.5)))]
-        callers[0].start()
-        time.sleep(0.3)
-        for key, body in [("queued-slow", slow(1.5)), ("queued-1", IRIS), ("queued-2", IRIS)]:
-            callers.append(threading.Thread(target=send, args=(key, body)))
-            callers[-1].start()
-            time.sleep(0.1)
-        time.sleep(1.7)  # "busy" is done; "queued-slow" is inside the model
-        signalled = time.monotonic()
+        busy = send_request(server.port, slow(1.5))
+        inside_the_model(server, 1.5)
+        # Sent in full before "busy" is done: they wait in the listen backlog.
+        queued = {key: send_request(server.port, body)
+                  for key, body in [("queued-slow", slow(1.6)), ("queued-1", IRIS), ("queued-2", IRIS)]}
+        inside_the_model(server, 1.6)  # "busy" is done; "queued-slow" came from the accept callback
         os.kill(worker, signal.SIGTERM)
-        for caller in callers:
-            caller.join(30)
-        assert {key: r.status_code for key, r in answers.items()} == dict.fromkeys(
-            ["busy", "queued-slow", "queued-1", "queued-2"], 200)
-        while worker in server.worker_pids() and time.monotonic() - signalled < 20:
-            time.sleep(0.1)
+        statuses = {key: read_status(sock) for key, sock in {"busy": busy, **queued}.items()}
+        assert statuses == dict.fromkeys(["busy", "queued-slow", "queued-1", "queued-2"], 200)
         # meinheld's own read timeout on that path is 30 s; retiring takes about 2.
-        assert worker not in server.worker_pids(), "the retired worker is still running"
+        until(lambda: worker not in server.worker_pids(), timeout=20, what="the retired worker exits")
         server.wait_for_workers(1)  # its replacement: stopped while booting, it could miss the SIGTERM
         server.wait_until("/ready", 30)
     finally:
         server.stop()
+
+
+def send_request(port: int, body: dict) -> socket.socket:
+    """A connection with one whole request sent on it, its answer not yet read."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(b"POST /api/v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(data), data))
+    return sock
+
+
+def read_status(sock: socket.socket) -> int:
+    with sock:
+        response = http.client.HTTPResponse(sock, method="POST")
+        response.begin()
+        response.read()
+        return response.status
 
 
 def metric_value(text: str, name: str, **labels) -> float:
@@ -103,18 +119,18 @@ def metric_value(text: str, name: str, **labels) -> float:
     return total
 
 
+@pytest.mark.server
 def test_metrics_count_requests_from_every_worker(demo_models):
     with Server(demo_models, workers=2) as server:
         sessions = [requests.Session() for _ in range(4)]  # several connections reach both workers
         for i in range(200):
             assert sessions[i % 4].post(server.url + "/api/v1/predict", json=IRIS).status_code == 200
         labels = dict(model="iris_classifier", version="1", endpoint="predict", status="200")
-        deadline = time.monotonic() + 5
-        while True:  # workers publish their counts at least once a second
+        # Workers publish their counts at least once a second.
+        def counted() -> str | None:
             text = requests.get(server.url + "/metrics").text
-            if metric_value(text, "mlserve_requests_total", **labels) >= 200 or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
+            return text if metric_value(text, "mlserve_requests_total", **labels) >= 200 else None
+        text = until(counted, timeout=10, what="200 requests counted")
         assert metric_value(text, "mlserve_requests_total", **labels) == 200
         assert metric_value(text, "mlserve_request_duration_seconds_count", model="iris_classifier") == 200
         assert metric_value(text, "mlserve_request_duration_seconds_bucket", model="iris_classifier", le="+Inf") == 200
@@ -122,6 +138,7 @@ def test_metrics_count_requests_from_every_worker(demo_models):
         assert re.search(r'mlserve_model_serving_version\{model="iris_classifier"\} 1\.0', text)
 
 
+@pytest.mark.server
 def test_ready_is_503_naming_a_configured_model_that_is_missing(demo_models, tmp_path):
     config = tmp_path / "models.yaml"
     config.write_text("models:\n  iris_classifier: {}\n  not_there: {}\n")

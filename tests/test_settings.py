@@ -312,6 +312,7 @@ def clean_environment(**extra: str) -> dict:
     return {**env, **extra}
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("env, fragments", [
     ({"MLSERVE_SERVER_WORKERS": "0"}, ["server.workers", "'0'", "from 1 to 256"]),
     ({"MLSERVE_SERVER_WORKER_CLASS": "uwsgi"}, ["server.worker_class", "'uwsgi'", "meinheld, gthread"]),
@@ -329,6 +330,7 @@ def test_gunicorn_exits_with_one_line_on_a_bad_setting(env, fragments):
     assert "Traceback" not in lines[0]
 
 
+@pytest.mark.server
 def test_gunicorn_exits_with_one_line_when_mlserve_config_is_a_directory(tmp_path):
     done = subprocess.run([str(GUNICORN), "-c", "gunicorn.conf.py"], cwd=ROOT,
                           env=clean_environment(MLSERVE_CONFIG=str(tmp_path)),

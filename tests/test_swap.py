@@ -20,6 +20,7 @@ from app.repository import ModelRepository, sha256_of
 from app.cli.servers import notify_servers
 from tests import slow_model
 from tests.server import Server
+from tests.wait import until
 
 TOKEN = "swap-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -84,40 +85,53 @@ def total_pss(server: Server) -> int:
     return total
 
 
+SETTLED = 200  # consecutive answers from the new version that count as "every worker has it"
+
+
+def settle(load: Load, asked: float, version: int) -> float:
+    """When the answers after asked became SETTLED answers in a row from version:
+    from then on no worker answers with another (the test checks that)."""
+    def settled() -> float | None:
+        after = [(t, v) for t, v in list(load.answers) if t > asked]
+        run = 0
+        for i, (_, v) in enumerate(after):
+            run = run + 1 if v == version else 0
+            if run == SETTLED:
+                return after[i - SETTLED + 1][0]
+        return None
+    return until(settled, timeout=60, what=f"every worker answers with v{version}")
+
+
+@pytest.mark.server
 def test_five_swaps_under_keep_alive_load_fail_no_request(two_versions, redis_server, monkeypatch):
     server = start(two_versions, redis_server.url).start()
-    repository = ModelRepository(two_versions)
-    lifecycle = Lifecycle(repository, 1e-5)
-    swaps = []  # (time the swap was asked for, version that must serve after it)
+    lifecycle = Lifecycle(ModelRepository(two_versions), 1e-5)
+    monkeypatch.setenv("MLSERVE_MODELS_DIR", str(two_versions))
+    monkeypatch.setenv("MLSERVE_REDIS_URL", redis_server.url)
+    triggers = [  # five ways to swap, each with the version that must serve after it
+        (2, lambda: admin(server, "promote", version=2, reason="test").raise_for_status()),
+        (1, lambda: admin(server, "rollback").raise_for_status()),
+        (2, lambda: (lifecycle.promote("iris_classifier", 2), os.kill(server.master_pid, signal.SIGHUP))),
+        (1, lambda: (lifecycle.rollback("iris_classifier"),
+                     notify_servers(redis_server.url, Path("/nonexistent"), "test"))),
+        (2, lambda: cli.main(["models", "promote", "iris_classifier", "2"]) == 0 or pytest.fail("CLI promote")),
+    ]
+    swaps = []  # (asked, settled, version)
     try:
         server.wait_for_workers(2)
         pss_before = total_pss(server)
         with Load(server.url) as load:
-            time.sleep(1)
-
-            def swapped(version: int) -> None:
-                swaps.append((time.monotonic(), version))
-                time.sleep(3)
-
-            assert admin(server, "promote", version=2, reason="test").status_code == 200
-            swapped(2)
-            assert admin(server, "rollback").status_code == 200
-            swapped(1)
-            lifecycle.promote("iris_classifier", 2)
-            os.kill(server.master_pid, signal.SIGHUP)
-            swapped(2)
-            lifecycle.rollback("iris_classifier")
-            assert "Redis" in notify_servers(redis_server.url, Path("/nonexistent"), "test")
-            swapped(1)
-            monkeypatch.setenv("MLSERVE_MODELS_DIR", str(two_versions))
-            monkeypatch.setenv("MLSERVE_REDIS_URL", redis_server.url)
-            assert cli.main(["models", "promote", "iris_classifier", "2"]) == 0
-            swapped(2)
+            until(lambda: len(load.answers) >= 100, what="load is running")
+            for version, trigger in triggers:
+                asked = time.monotonic()
+                trigger()
+                swaps.append((asked, settle(load, asked, version), version))
+            until(lambda: sum(t > swaps[-1][1] for t, _ in list(load.answers)) > 1000, what="load after the swaps")
         assert load.failures == []
-        for (asked, version), (until, _) in zip(swaps, swaps[1:] + [(time.monotonic(), None)]):
-            settled = [v for t, v in load.answers if asked + 2.0 < t < until]
-            assert settled and set(settled) == {version}, (asked, version, sorted(set(settled)))
-        assert len(load.answers) > 1000
+        # Once a version settled, no worker answered with the other one until the next swap.
+        ends = [asked for asked, _, _ in swaps[1:]] + [time.monotonic()]
+        for (_, settled, version), end in zip(swaps, ends):
+            assert {v for t, v in load.answers if settled <= t < end} == {version}
         # Workers forked from the reloaded master: the models are still shared.
         server.wait_for_workers(2)
         assert total_pss(server) < 1.3 * pss_before
@@ -146,6 +160,7 @@ def break_version(models: Path, how: str) -> None:
     (folder / "metadata.json").write_text(json.dumps(meta))
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("how", ["corrupt_file", "wrong_input_width", "sha256_mismatch",
                                  "throws_on_reference_sample"])
 def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(two_versions, how):
@@ -160,30 +175,32 @@ def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(two_versions,
         # Even forced (serving.json edited by hand, then SIGHUP), it never goes live.
         (two_versions / "iris_classifier" / "serving.json").write_text(json.dumps({**state, "version": 2}))
         os.kill(server.master_pid, signal.SIGHUP)
-        time.sleep(2.5)
+        until(lambda: 'mlserve_model_swaps_total{model="iris_classifier",result="refused"}' in
+              requests.get(server.url + "/metrics").text, what="the reload refuses v2")
         for _ in range(8):
             r = requests.post(server.url + "/api/v1/predict", json=IRIS)
             assert r.status_code == 200 and r.json()["model_version"] == 1
         assert "refused" in server.log() and "iris_classifier" in server.log()
-        metrics = requests.get(server.url + "/metrics").text
-        assert 'mlserve_model_swaps_total{model="iris_classifier",result="refused"}' in metrics
 
 
+@pytest.mark.server
 def test_a_swap_reaches_another_host_through_redis(two_versions, redis_server):
     with start(two_versions, redis_server.url, workers=1) as a, start(two_versions, redis_server.url, workers=1) as b:
-        deadline = time.monotonic() + 5
-        while redis_server.client().pubsub_numsub("mlserve:control")[0][1] < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        until(lambda: redis_server.client().pubsub_numsub("mlserve:control")[0][1] >= 2, what="both subscribed")
         assert admin(a, "promote", version=2).json()["swap"]["other_hosts_notified"] >= 1
-        time.sleep(2.5)
+        until(lambda: requests.post(b.url + "/api/v1/predict", json=IRIS).json()["model_version"] == 2,
+              what="host b serves v2")
         assert {requests.post(b.url + "/api/v1/predict", json=IRIS).json()["model_version"] for _ in range(4)} == {2}
 
 
+@pytest.mark.server
 def test_split_routes_by_key_stickily_and_shadow_reports_agreement(two_versions):
     with start(two_versions) as server:
         assert admin(server, "split", weights={"1": 80, "2": 20}).status_code == 200
         assert admin(server, "shadow", version=2).status_code == 200
-        time.sleep(2.5)
+        until(lambda: requests.get(server.url + "/api/v1/models/iris_classifier").json()["shadow_version"] == 2,
+              what="the split and the shadow are served")
+        server.wait_for_workers(2)  # the old workers have retired
         s = requests.Session()
         seen = {}
         for i in range(300):
@@ -197,21 +214,30 @@ def test_split_routes_by_key_stickily_and_shadow_reports_agreement(two_versions)
         assert pinned.json()["model_version"] == 2
         info = s.get(server.url + "/api/v1/models/iris_classifier").json()
         assert info["split"] == {"1": 0.8, "2": 0.2} and info["shadow_version"] == 2
-        time.sleep(1.5)
-        metrics = requests.get(server.url + "/metrics").text
-        agree = [line for line in metrics.splitlines()
-                 if line.startswith("mlserve_shadow_comparisons_total") and 'result="agree"' in line]
-        assert agree and float(agree[0].split()[-1]) > 0
+
+        def agreed() -> float:
+            metrics = requests.get(server.url + "/metrics").text
+            return sum(float(line.split()[-1]) for line in metrics.splitlines()
+                       if line.startswith("mlserve_shadow_comparisons_total") and 'result="agree"' in line)
+        assert until(agreed, what="shadow comparisons counted") > 0
 
 
+@pytest.mark.server
 def test_admin_model_actions_need_the_token_and_a_known_model(two_versions):
     with start(two_versions) as server:
         url = server.url + "/api/v1/admin/models/iris_classifier/promote"
-        assert requests.post(url, json={"version": 2}).status_code == 401
-        assert requests.post(url, json={"version": 2}, headers={"Authorization": "Bearer no"}).status_code == 403
-        assert requests.post(server.url + "/api/v1/admin/models/nope/promote", headers=ADMIN,
-                             json={"version": 2}).status_code == 404
-        assert requests.post(url, headers=ADMIN, json={"version": 9}).status_code == 404
-        assert requests.post(url, headers=ADMIN, json={"version": "two"}).status_code == 422
-        assert requests.post(server.url + "/api/v1/admin/models/iris_classifier/explode",
-                             headers=ADMIN).status_code == 404
+
+        def error(response: requests.Response, status: int) -> dict:
+            assert response.status_code == status, response.text
+            return response.json()["error"]
+        assert error(requests.post(url, json={"version": 2}), 401)["code"] == "unauthorized"
+        assert error(requests.post(url, json={"version": 2}, headers={"Authorization": "Bearer no"}),
+                     403)["code"] == "forbidden"
+        unknown = error(requests.post(server.url + "/api/v1/admin/models/nope/promote", headers=ADMIN,
+                                      json={"version": 2}), 404)
+        assert unknown["code"] == "model_not_found" and "'nope'" in unknown["message"]
+        missing = error(requests.post(url, headers=ADMIN, json={"version": 9}), 404)
+        assert missing["code"] == "version_not_found" and "no version 9" in missing["message"]
+        assert error(requests.post(url, headers=ADMIN, json={"version": "two"}), 422)["code"] == "model_refused"
+        action = error(requests.post(server.url + "/api/v1/admin/models/iris_classifier/explode", headers=ADMIN), 404)
+        assert action["message"] == "no admin action 'explode'; one of promote, rollback, split, shadow, reload"

@@ -197,13 +197,3 @@ def describe_input_error(exc: Exception, path: Path) -> str:
     if isinstance(exc, csv.Error):
         return f"{path}: not readable as CSV ({exc})"
     return str(exc)
-
-
-def describe_input_error(exc: Exception, path: Path) -> str:
-    if isinstance(exc, OSError) and exc.filename:
-        return f"{exc.filename}: {exc.strerror or exc}"
-    if isinstance(exc, UnicodeDecodeError):
-        return f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"
-    if isinstance(exc, csv.Error):
-        return f"{path}: not readable as CSV ({exc})"
-    return str(exc)

@@ -13,7 +13,7 @@ import signal
 import falcon
 
 from app import settings as settings_module
-from app.service import Service, build_service
+from app.server.service import Service, build_service
 from app.server import runtime
 
 _service: Service | None = None
