@@ -49,12 +49,12 @@ test-fast: install models lint
 
 # The full suite; narrow it with e.g. make bench BENCH_ARGS="--scenario predict_uncached --connections 32"
 bench: install system-deps models
-	$(BIN)/python perf/run.py $(BENCH_ARGS)
+	$(BIN)/python -m perf run $(BENCH_ARGS)
 
 # Optional: ours beside Seldon MLServer on iris_classifier; MLServer gets its
 # own virtualenv, .venv-mlserver/. E.g. make bench-mlserver MLSERVER_ARGS="--runs 5"
 bench-mlserver: install system-deps models
-	$(BIN)/python perf/mlserver.py $(MLSERVER_ARGS)
+	$(BIN)/python -m perf mlserver $(MLSERVER_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

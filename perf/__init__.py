@@ -1,3 +1,3 @@
-"""The benchmark harness: `make bench` (perf/run.py) and perf/locustfile.py.
+"""The benchmark harness: `make bench` (python -m perf run) and perf/locustfile.py.
 
 A package so Gunicorn can import perf.reference_apps by name."""

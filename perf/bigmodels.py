@@ -12,7 +12,7 @@ version 1 of each into a model repository directory:
 Models already built are reused. The default directory, perf/results/bigmodels/,
 is not committed.
 
-    .venv/bin/python perf/bigmodels.py [--out DIR]
+    .venv/bin/python -m perf bigmodels [--out DIR]
 """
 from __future__ import annotations
 
@@ -24,10 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from app.repository import ModelRepository, sha256_of  # noqa: E402
+from app.repository import ModelRepository, sha256_of
+from tests.server import ROOT
 
 DEFAULT_DIR = ROOT / "perf" / "results" / "bigmodels"
 MLP, FOREST, FOREST_SKLEARN = "big_mlp", "big_forest", "big_forest_sklearn"
@@ -154,6 +152,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {sizes}" + (" (reused)" if seconds is None else f" (built in {seconds} s)"))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

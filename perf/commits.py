@@ -1,7 +1,7 @@
 """Benchmark the server as it was at several commits, side by side in one run:
 the before/after figure of a change to the hot path.
 
-    python perf/commits.py 0e8e2d3 598f84d 5678527 --scenario predict_cached --runs 3
+    python -m perf commits 0e8e2d3 598f84d 5678527 --scenario predict_cached --runs 3
 
 Each commit is checked out in a temporary git worktree and served from there
 (same virtualenv, same models/, 2 meinheld workers). All servers are started
@@ -12,24 +12,18 @@ run is saved as JSON under the output directory, one folder per commit.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-VENV = ROOT / ".venv"
-WARMUP_SECONDS = 2
-if Path(sys.prefix).resolve() != VENV.resolve() and (VENV / "bin" / "python").exists():
-    os.execv(VENV / "bin" / "python", [str(VENV / "bin" / "python"), *sys.argv])
-sys.path.insert(0, str(ROOT))
+from perf import measure, scenarios
+from perf.report import num, table
+from perf.scenarios import SCENARIOS
+from perf.targets import Config, Server
+from tests.server import ROOT
 
-from perf import measure, scenarios, suite  # noqa: E402
-from perf.report import num, table  # noqa: E402
-from perf.scenarios import SCENARIOS  # noqa: E402
-from perf.targets import Config, Server  # noqa: E402
+WARMUP_SECONDS = 2
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -74,11 +68,11 @@ def main(argv: list[str] | None = None) -> int:
                     warning = measure.warm_up(server, scenario, args.connections, WARMUP_SECONDS,
                                               bodies.get(scenario.name))
                     if warning:
-                        suite.log("WARNING " + warning)
+                        measure.log("WARNING " + warning)
             for i in range(1, args.runs + 1):
                 for scenario in (SCENARIOS[n] for n in names):
                     for sha, server in servers.items():
-                        runs.setdefault((sha, scenario.name), []).append(suite.measured(
+                        runs.setdefault((sha, scenario.name), []).append(measure.measured(
                             server, scenario, args.connections, args.duration, bodies.get(scenario.name),
                             sha, i, args.runs, out / sha))
         finally:
@@ -109,6 +103,3 @@ def render(args: argparse.Namespace, names: list[str], shas: list[str], medians:
     return lines + table(("scenario", "commit", "subject", "req/s", "min-max", "change", "p50 ms", "p99 ms",
                           "errors", "CPU ms/req"), rows)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,24 +1,22 @@
 """The benchmark scenarios as locust users, for those who drive load with locust:
 
-    .venv/bin/locust -f perf/locustfile.py --host http://127.0.0.1:8080
-    .venv/bin/locust -f perf/locustfile.py --headless -u 32 -r 32 -t 30s --host URL PredictUncached
+    .venv/bin/python -m locust -f perf/locustfile.py --host http://127.0.0.1:8080
+    .venv/bin/python -m locust -f perf/locustfile.py --headless -u 32 -r 32 -t 30s --host URL PredictUncached
+
+(run from the checkout: `python -m` puts it on the import path, for perf.scenarios).
 
 Name user classes to run only those; with none named, users are spread over
-all of them. Bodies are those perf/run.py sends with wrk. Figures are not
-comparable with perf/run.py's: locust spends far more CPU per request than
+all of them. Bodies are those `python -m perf run` sends with wrk. Figures are not
+comparable with wrk's: locust spends far more CPU per request than
 wrk, and on a 2-core machine it takes that CPU from the server.
 """
 from __future__ import annotations
 
 import random
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from locust import FastHttpUser, constant, task
 
-from locust import FastHttpUser, constant, task  # noqa: E402
-
-from perf import scenarios  # noqa: E402
+from perf import scenarios
 
 HEADERS = {"Content-Type": "application/json"}
 

@@ -3,28 +3,67 @@ and the CPU and memory they cost; the check and warm-up before them; the
 median of repeated runs."""
 from __future__ import annotations
 
+import json
+import resource
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from perf import loadgen, scenarios, usage
+from perf import machine, scenarios
 from perf.scenarios import Scenario
 from perf.targets import Server
 from app.metrics import FLUSH_SECONDS
 from tests.server import ROOT
 
+WRK = shutil.which("wrk") or "/usr/bin/wrk"
+# wrk leaves a request slower than --timeout out of the latency histogram and
+# counts it as a timeout instead; the default of 2 s would cut off the very
+# tail being measured at high connection counts.
+TIMEOUT_SECONDS = 10
+
+
+def wrk_command(script: Path, url: str, connections: int, duration: int, body: Path | None = None) -> list[str]:
+    cmd = [WRK, "-t1", f"-c{connections}", f"-d{duration}s", "--latency",
+           "--timeout", f"{TIMEOUT_SECONDS}s", "-s", str(script), url]
+    return cmd + ["--", str(body)] if body else cmd
+
+
+def run_wrk(cmd: list[str], cwd: Path, duration: int) -> tuple[dict, float]:
+    """wrk's summary and the CPU seconds wrk itself used (the load generator
+    shares the machine with the server; this says how much of it it took)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=duration + TIMEOUT_SECONDS + 30)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return parse_wrk(done), client_cpu
+
+
+def parse_wrk(done: subprocess.CompletedProcess) -> dict:
+    for line in done.stdout.splitlines():
+        if line.startswith("JSON "):
+            return json.loads(line[5:])
+    raise RuntimeError(f"wrk printed no JSON line (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
+
+
+def wrk_version() -> str:
+    done = subprocess.run([WRK, "-v"], capture_output=True, text=True)
+    return (done.stdout + done.stderr).splitlines()[0].split(" Copyright")[0].strip()
+
 
 def run(target: Server, scenario: Scenario, connections: int, duration: int, body: Path | None) -> dict:
-    cmd = loadgen.command(scenario.script, target.url + scenario.path, connections, duration, body)
+    cmd = wrk_command(scenario.script, target.url + scenario.path, connections, duration, body)
     counting = target.name == "mlserve" and scenario.cached
     lookups_before = cache_lookups(target) if counting else None
-    load_before = usage.loadavg()
-    before = usage.Sample.take(target.pids())
+    load_before = machine.loadavg()
+    before = machine.Sample.take(target.pids())
     started = time.time()
-    wrk, client_cpu = loadgen.run(cmd, ROOT, duration)
-    after = usage.Sample.take(target.pids())
+    wrk, client_cpu = run_wrk(cmd, ROOT, duration)
+    after = machine.Sample.take(target.pids())
     used, changed = after.cpu_since(before)
     server_cpu = sum(used.values())
     cache = cache_use(lookups_before, cache_lookups(target)) if counting else None
@@ -36,7 +75,7 @@ def run(target: Server, scenario: Scenario, connections: int, duration: int, bod
         # not spread over the workers, which caps throughput below the cores.
         "worker_cpu_s": sorted((s for pid, s in used.items() if pid != target.master_pid), reverse=True),
         "other_cpu_s": max(0.0, after.busy - before.busy - server_cpu - client_cpu),
-        "pss_mb": usage.pss_mb(target.pids()),
+        "pss_mb": machine.pss_mb(target.pids()),
     })
 
 
@@ -116,10 +155,36 @@ def warm_up(target: Server, scenario: Scenario, connections: int, seconds: int, 
     if nothing succeeds; returns a warning if anything failed."""
     if seconds <= 0:
         return ""
-    wrk, _ = loadgen.run(loadgen.command(scenario.script, target.url + scenario.path, connections, seconds, body),
+    wrk, _ = run_wrk(wrk_command(scenario.script, target.url + scenario.path, connections, seconds, body),
                          ROOT, seconds)
     errors = wrk["non2xx"] + sum(wrk[k] for k in ("connect", "read", "write", "timeout"))
     summary = f"{target.name} {scenario.name} warm-up: {errors} errors in {wrk['requests']} requests"
     if wrk["requests"] == wrk["non2xx"]:
         raise RuntimeError(summary)
     return summary if errors else ""
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def measured(target: Server, scenario: Scenario, connections: int, duration: int, body: Path | None,
+             label: str, number: int, runs: int, directory: Path) -> dict:
+    """Run `number` of `runs`, saved as JSON in directory and logged."""
+    record = run(target, scenario, connections, duration, body)
+    record.update(config=label, run=number)
+    save(record, directory / f"{scenario.name}-c{connections}-run{number}.json")
+    log(progress(record, runs))
+    return record
+
+
+def save(record: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def progress(r: dict, runs: int) -> str:
+    latency = r["latency_ms"]
+    return (f"{r['config']} {r['target']} {r['scenario']} c{r['connections']} run {r['run']}/{runs}: "
+            f"{r['req_per_s']:.0f} req/s  p50 {latency['p50']:.2f} ms  p99 {latency['p99']:.2f} ms  "
+            f"errors {r['errors']}  server CPU {r['server_cpu_s']:.2f} s  other CPU {r['other_cpu_s']:.2f} s")

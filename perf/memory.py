@@ -9,7 +9,7 @@ of the master and of every worker is read. The same run serving only the
 tiny iris_classifier is the imports-only baseline: what a worker costs
 without a big model.
 
-    .venv/bin/python perf/memory.py [--workers 1,2,4,8] [--models mlp,forest]
+    .venv/bin/python -m perf memory [--workers 1,2,4,8] [--models mlp,forest]
 
 Results go to perf/results/memory-<UTC timestamp>/ (results.json,
 results.md); the markdown is also printed.
@@ -30,18 +30,12 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-VENV = ROOT / ".venv"
-# The server is started with the gunicorn next to this interpreter.
-if Path(sys.prefix).resolve() != VENV.resolve() and (VENV / "bin" / "python").exists():
-    os.execv(VENV / "bin" / "python", [str(VENV / "bin" / "python"), *sys.argv])
-sys.path.insert(0, str(ROOT))
 
-import requests  # noqa: E402
-from prometheus_client.mmap_dict import MmapedDict  # noqa: E402
+import requests
+from prometheus_client.mmap_dict import MmapedDict
 
-from perf import bigmodels, host, report, usage  # noqa: E402
-from tests.server import Server  # noqa: E402
+from perf import bigmodels, machine, report
+from tests.server import ROOT, Server
 
 PER_WORKER = 1000
 PSS_GOAL_RATIO = 1.3
@@ -195,7 +189,7 @@ def drive(server: Server, pids: list[int], model: str, body: bytes) -> dict:
     CONNECTIONS_PER_WORKER keep-alive connections to each worker."""
     metrics_dir = server.workdir / "metrics"
     connections = {pid: [connect_to(server, pid, pids) for _ in range(CONNECTIONS_PER_WORKER)] for pid in pids}
-    cpu_before = {pid: usage.cpu_seconds(pid) for pid in pids}
+    cpu_before = {pid: machine.cpu_seconds(pid) for pid in pids}
     counts, sent, failures, rounds = served(metrics_dir, pids, model), 0, 0, 0
     try:
         while min(counts.values()) < PER_WORKER and rounds < MAX_ROUNDS:
@@ -207,7 +201,7 @@ def drive(server: Server, pids: list[int], model: str, body: bytes) -> dict:
     finally:
         for conn in (c for conns in connections.values() for c in conns):
             conn.close()
-    cpu = {str(pid): round(usage.cpu_seconds(pid) - cpu_before[pid], 2) for pid in pids}
+    cpu = {str(pid): round(machine.cpu_seconds(pid) - cpu_before[pid], 2) for pid in pids}
     return {"sent": sent, "failures": failures, "rounds": rounds,
             "served": {str(pid): n for pid, n in counts.items()}, "cpu_s": cpu}
 
@@ -327,11 +321,11 @@ def section(title: str, runs: list[dict], rows: list[dict], with_goals: bool) ->
 
 
 def describe_host() -> dict:
-    return {"cpus": os.cpu_count(), "cpu": host.cpu_model(), "kernel": platform.release(),
+    return {"cpus": os.cpu_count(), "cpu": machine.cpu_model(), "kernel": platform.release(),
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "python": platform.python_version(), "packages": {p: host.version(p) for p in PACKAGES},
-            "commit": host.git("rev-parse", "--short", "HEAD"),
-            "dirty": bool(host.git("status", "--porcelain", "--untracked-files=no"))}
+            "python": platform.python_version(), "packages": {p: machine.version(p) for p in PACKAGES},
+            "commit": machine.git("rev-parse", "--short", "HEAD"),
+            "dirty": bool(machine.git("status", "--porcelain", "--untracked-files=no"))}
 
 
 def method(meta: dict) -> list[str]:
@@ -420,6 +414,3 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

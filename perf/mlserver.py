@@ -1,7 +1,7 @@
 """Our server beside Seldon MLServer on the same model, in one run. Optional;
 `make bench-mlserver` runs it with the defaults:
 
-    python perf/mlserver.py --duration 10 --runs 3 --connections 32
+    python -m perf mlserver --duration 10 --runs 3 --connections 32
 
 MLServer 1.7.1 with its scikit-learn runtime is installed into its own
 virtualenv, .venv-mlserver/ at the repository root, created with python3 on
@@ -48,22 +48,15 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-VENV = ROOT / ".venv"
-# Our server is started with the gunicorn next to this interpreter, so the
-# script must run in the project's virtualenv, whichever python started it.
-if Path(sys.prefix).resolve() != VENV.resolve() and (VENV / "bin" / "python").exists():
-    os.execv(VENV / "bin" / "python", [str(VENV / "bin" / "python"), *sys.argv])
-sys.path.insert(0, str(ROOT))
 
-import requests  # noqa: E402
-from packaging.specifiers import SpecifierSet  # noqa: E402
+import requests
+from packaging.specifiers import SpecifierSet
 
-from app.repository import ModelRepository, ModelVersion  # noqa: E402
-from perf import host, loadgen, measure, report, scenarios, suite, usage  # noqa: E402
-from perf.scenarios import IRIS, IRIS_ROW, SCENARIOS, Scenario  # noqa: E402
-from perf.targets import MODELS, Config, Server  # noqa: E402
-from tests.server import free_port  # noqa: E402
+from app.repository import ModelRepository, ModelVersion
+from perf import machine, measure, report, scenarios
+from perf.scenarios import IRIS, IRIS_ROW, SCENARIOS, Scenario
+from perf.targets import MODELS, Config, Server
+from tests.server import ROOT, free_port
 
 MLSERVER_VENV = ROOT / ".venv-mlserver"
 MLSERVER_VERSION = "1.7.1"
@@ -153,12 +146,12 @@ def ensure_venv() -> dict[str, str]:
     if not venv_python().exists():
         python = shutil.which("python3") or sys.exit("no python3 on PATH to create .venv-mlserver/")
         check_python(python)
-        suite.log(f"creating {MLSERVER_VENV}")
+        measure.log(f"creating {MLSERVER_VENV}")
         subprocess.run([python, "-m", "venv", str(MLSERVER_VENV)], check=True)
     missing = unmet(installed_versions())
     if missing:
         requirements = [f"{name}{spec}" for name, spec in REQUIREMENTS.items()]
-        suite.log(f"installing into {MLSERVER_VENV}: {' '.join(requirements)} (unmet: {' '.join(missing)})")
+        measure.log(f"installing into {MLSERVER_VENV}: {' '.join(requirements)} (unmet: {' '.join(missing)})")
         subprocess.run([str(venv_python()), "-m", "pip", "install", "-q", *requirements], check=True)
         missing = unmet(installed_versions())
         if missing:
@@ -295,7 +288,7 @@ class MLServer:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def cpu_seconds(self) -> float:
-        return sum(usage.cpu_seconds(pid) or 0.0 for pid in self.pids())
+        return sum(machine.cpu_seconds(pid) or 0.0 for pid in self.pids())
 
     def wait_idle(self) -> None:
         """Until MLServer's processes stop using CPU. wrk leaves requests
@@ -309,7 +302,7 @@ class MLServer:
             if now - before < IDLE_CPU_SECONDS:
                 return
             before = now
-        suite.log(f"WARNING mlserver still busy {IDLE_TIMEOUT} s after the load")
+        measure.log(f"WARNING mlserver still busy {IDLE_TIMEOUT} s after the load")
 
     def stop(self) -> None:
         """SIGTERM, MLServer's graceful shutdown (it stops its workers); then
@@ -323,12 +316,12 @@ class MLServer:
             try:
                 self.process.wait(STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
-                suite.log(f"WARNING mlserver still running {STOP_TIMEOUT} s after SIGTERM: killing it")
+                measure.log(f"WARNING mlserver still running {STOP_TIMEOUT} s after SIGTERM: killing it")
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         left = self.leftovers()
         if left:
-            suite.log(f"WARNING mlserver left processes behind: killing {left}")
+            measure.log(f"WARNING mlserver left processes behind: killing {left}")
             os.killpg(self.process.pid, signal.SIGKILL)
         self.log_file.close()
 
@@ -374,8 +367,8 @@ def bench(target, scenario: Scenario, label: str, args: argparse.Namespace, out:
     counts of all of them."""
     warning = measure.warm_up(target, scenario, args.connections, args.warmup, None)
     if warning:
-        suite.log("WARNING " + warning)
-    runs = [suite.measured(target, scenario, args.connections, args.duration, None, label, i, args.runs,
+        measure.log("WARNING " + warning)
+    runs = [measure.measured(target, scenario, args.connections, args.duration, None, label, i, args.runs,
                            out / target.name) for i in range(1, args.runs + 1)]
     result = measure.median(runs)
     result["warmup_warning"] = warning
@@ -387,11 +380,11 @@ def bench(target, scenario: Scenario, label: str, args: argparse.Namespace, out:
 
 def bench_mlserver(model: ModelVersion, args: argparse.Namespace, out: Path) -> dict:
     server = MLServer(model)
-    suite.log(f"starting MLServer {MLSERVER_VERSION} on {server.url} ({WORKERS} parallel workers)")
+    measure.log(f"starting MLServer {MLSERVER_VERSION} on {server.url} ({WORKERS} parallel workers)")
     try:
         server.start()
         result = {"label": f"MLServer {MLSERVER_VERSION} ({WORKERS} workers)", **server.config,
-                  "pss_idle_mb": usage.pss_mb(server.pids())}
+                  "pss_idle_mb": machine.pss_mb(server.pids())}
         result["result"] = bench(server, MLSERVER_SCENARIO, f"mlserver-w{WORKERS}", args, out)
     finally:
         server.close(out / "logs" / "mlserver.log")
@@ -399,12 +392,12 @@ def bench_mlserver(model: ModelVersion, args: argparse.Namespace, out: Path) -> 
 
 
 def bench_ours(model: ModelVersion, args: argparse.Namespace, out: Path) -> dict:
-    suite.log(f"starting our server ({WORKERS} meinheld workers)")
+    measure.log(f"starting our server ({WORKERS} meinheld workers)")
     server = start_ours(model)
     try:
         worker = server.worker_in_use()
         result = {"label": f"ours ({WORKERS} workers, {worker.rsplit('.', 1)[-1]})", "worker": worker,
-                  "pss_idle_mb": usage.pss_mb(server.pids())}
+                  "pss_idle_mb": machine.pss_mb(server.pids())}
         result["result"] = bench(server, OUR_SCENARIO, server.config.name, args, out)
     finally:
         server.close(out / "logs" / "mlserve.log")
@@ -441,7 +434,7 @@ def render(meta: dict, ours: dict, theirs: dict) -> str:
         f"mlserver_sklearn (" + ", ".join(f"{k} {v}" for k, v in venv.items()) + ")",
         f"- machine: {host_info['cpus']} CPUs, load average at start {host_info['loadavg_at_start']:.2f}; "
         f"commit {host_info['commit']}{' with uncommitted changes' if host_info['dirty'] else ''}",
-        f"- load: wrk -t1 -c{meta['connections']} --timeout {loadgen.TIMEOUT_SECONDS}s, {meta['duration']} s per "
+        f"- load: wrk -t1 -c{meta['connections']} --timeout {measure.TIMEOUT_SECONDS}s, {meta['duration']} s per "
         f"run, {meta['runs']} run(s) per server after a {meta['warmup']} s warm-up",
         "- req/s (2xx only) and p50/p99 are the median run's, min-max over all runs; non-2xx and socket "
         "errors are summed over all runs",
@@ -461,10 +454,10 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(ROOT)
     versions = ensure_venv()
     model = served_model()
-    meta = {"stamp": stamp, "host": host.describe(), "mlserver_venv": versions, "model": str(model),
+    meta = {"stamp": stamp, "host": machine.describe(), "mlserver_venv": versions, "model": str(model),
             "artifact": str(model.artifact), "serving_runtime": model.metadata.get("serving_runtime", "unknown"),
             "duration": args.duration, "runs": args.runs, "warmup": args.warmup, "connections": args.connections}
-    suite.log(f"writing to {out}; this takes about {2 * (args.warmup + args.runs * args.duration) + 60} s")
+    measure.log(f"writing to {out}; this takes about {2 * (args.warmup + args.runs * args.duration) + 60} s")
     theirs = bench_mlserver(model, args, out)
     ours = bench_ours(model, args, out)
     out.mkdir(parents=True, exist_ok=True)
@@ -474,6 +467,3 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

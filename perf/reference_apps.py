@@ -1,10 +1,13 @@
-"""The two floors our server is measured against, served by the same Gunicorn
+"""The floors our server is measured against, served by the same Gunicorn
 command line, worker class and worker count as the server itself.
 
 echo: Falcon + orjson, no model. What any JSON endpoint costs on this stack;
       the most a cache hit could ever reach.
 ort:  Falcon + orjson + one ONNX Runtime call on the iris model. What an
       uncached prediction costs with nothing of ours in between.
+
+in_process(): ONNX Runtime alone, in this process, on one thread: the ceiling
+      for what one worker can do with the same rows, with no HTTP and no JSON.
 
 Run: gunicorn -c perf/reference_gunicorn.py perf.reference_apps:echo
 """
@@ -16,6 +19,8 @@ import os
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
+import statistics  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import falcon  # noqa: E402
@@ -73,6 +78,27 @@ def build(resource) -> falcon.App:
 
 
 echo = build(Echo())
+
+
+def seconds_per_run(session, X: np.ndarray, repeats: int) -> float:
+    for _ in range(10):
+        session.run(None, {"X": X})
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        session.run(None, {"X": X})
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def in_process(rows: list[list[float]], repeats: int = 300) -> dict:
+    session = iris_session()
+    X = np.array(rows, dtype=np.float32)
+    batch = seconds_per_run(session, X, repeats)
+    single = seconds_per_run(session, X[:1], repeats * 10)
+    return {"rows": len(X), "repeats": repeats,
+            "batch_ms": batch * 1000, "batch_rows_per_s": len(X) / batch,
+            "single_us": single * 1e6, "single_per_s": 1 / single}
 
 
 def __getattr__(name: str) -> falcon.App:

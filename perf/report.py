@@ -1,7 +1,7 @@
 """results.md: the figures as markdown tables, with what they were measured on."""
 from __future__ import annotations
 
-from perf import loadgen
+from perf import measure
 
 COLUMNS = ("scenario", "conns", "req/s", "min-max", "rows/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms",
            "errors", "CPU ms/req", "server cores", "per worker", "wrk cores", "other cores", "PSS MB",
@@ -39,7 +39,7 @@ def method(meta: dict) -> list[str]:
         f"load average at start {host['loadavg_at_start']:.2f}",
         f"- code: commit {host['commit']}{' with uncommitted changes' if host['dirty'] else ''}; python "
         f"{host['python']}, " + ", ".join(f"{k} {v}" for k, v in p.items()) + f"; {host['wrk']}",
-        f"- load: wrk -t1 --timeout {loadgen.TIMEOUT_SECONDS}s, {meta['duration']:g} s per run, {meta['runs']} "
+        f"- load: wrk -t1 --timeout {measure.TIMEOUT_SECONDS}s, {meta['duration']:g} s per run, {meta['runs']} "
         f"run(s) per cell after a {meta['warmup']} s warm-up per scenario; a cell shows the run with the median "
         "req/s (the lower middle one for an even count), min-max over all runs beside it",
         "- req/s and rows/s count 2xx responses only; errors are non-2xx plus socket errors over all runs",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import requests
 
-from perf import usage
+from perf import machine
 from tests.server import GUNICORN, ROOT
 from tests.server import Server as TestServer
 
@@ -67,7 +67,7 @@ class Server(TestServer):
         raise TimeoutError(f"{self.name} not answering {path} after {timeout} s:\n{self.log()}")
 
     def pids(self) -> list[int]:
-        return usage.tree(self.master_pid)
+        return machine.tree(self.master_pid)
 
     def worker_in_use(self) -> str:
         """The worker class Gunicorn reports, which may differ from the one asked

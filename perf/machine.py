@@ -1,12 +1,18 @@
-"""CPU time and memory of a server's processes, and busy time of the whole
-machine, read from /proc."""
+"""The machine the figures were measured on, and what the processes on it
+used: CPU time and memory from /proc, versions, the code's commit."""
 from __future__ import annotations
 
 import os
+import platform
+import subprocess
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
+from tests.server import ROOT
+
 TICKS = os.sysconf("SC_CLK_TCK")
+PACKAGES = ("gunicorn", "meinheld", "falcon", "orjson", "numpy", "onnxruntime")
 
 
 def tree(master: int) -> list[int]:
@@ -64,3 +70,36 @@ class Sample:
                 if before.cpu.get(p) is not None and self.cpu[p] is not None}
         changed = self.cpu.keys() != before.cpu.keys() or None in self.cpu.values()
         return used, changed
+
+
+def cpu_model() -> str:
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
+def git(*args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
+def version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "missing"
+
+
+def describe() -> dict:
+    from perf.measure import wrk_version
+
+    return {
+        "cpus": os.cpu_count(), "cpu": cpu_model(), "kernel": platform.release(),
+        "loadavg_at_start": loadavg(), "python": platform.python_version(),
+        "packages": {p: version(p) for p in PACKAGES}, "wrk": wrk_version(),
+        "commit": git("rev-parse", "--short", "HEAD"),
+        # Uncommitted changes mean the commit alone does not say what was measured.
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+    }

@@ -1,0 +1,37 @@
+"""python -m perf SUBCOMMAND: every benchmark, from the checkout's root.
+
+    python -m perf run [...]        the full suite (make bench): every scenario, the reference apps
+    python -m perf commits A B ...  the server at several commits side by side
+    python -m perf memory [...]     weights shared across workers: PSS at 1, 2, 4 and 8 workers
+    python -m perf mlserver [...]   ours beside Seldon MLServer on the same forest
+    python -m perf bigmodels [...]  build the large models the memory benchmark serves
+
+`python -m perf SUBCOMMAND --help` lists each one's flags.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / ".venv"
+COMMANDS = {"run": "perf.bench", "commits": "perf.commits", "memory": "perf.memory",
+            "mlserver": "perf.mlserver", "bigmodels": "perf.bigmodels"}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__, file=sys.stderr)
+        return 2
+    return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    # The servers under test are started with the gunicorn beside this
+    # interpreter: run in the project's virtualenv, whichever python started us.
+    if Path(sys.prefix).resolve() != VENV.resolve() and (VENV / "bin" / "python").exists():
+        os.execv(VENV / "bin" / "python", [str(VENV / "bin" / "python"), "-m", "perf", *sys.argv[1:]])
+    os.chdir(ROOT)
+    sys.exit(main(sys.argv[1:]))
