@@ -12,15 +12,20 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 from app import settings as settings_module  # noqa: E402
 from app.server import hooks  # noqa: E402
 
+from app.server import runtime  # noqa: E402
+
+_starting = getattr(settings_module, "last_good", None) is None  # else: re-read on SIGHUP
 try:
     _settings = settings_module.load()
 except settings_module.SettingError as exc:
-    _settings = getattr(settings_module, "last_good", None)
-    if _settings is None:
+    if _starting:
         sys.exit(f"mlserve: bad setting: {exc}")
     # A bad edit before a SIGHUP must not take down a running server.
     print(f"mlserve: bad setting, keeping the running settings: {exc}", file=sys.stderr)
+    _settings = settings_module.last_good
 settings_module.last_good = _settings
+if _starting and (_busy := runtime.check_port_free(_settings.server.host, _settings.server.port)):
+    sys.exit(f"mlserve: {_busy}; choose another port with server.port (MLSERVE_BIND=HOST:PORT)")
 
 globals().update(settings_module.gunicorn_options(_settings))
 wsgi_app = "app.server.wsgi:get_app()"

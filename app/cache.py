@@ -13,6 +13,7 @@ import logging
 import os
 import queue
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -29,6 +30,8 @@ from app.redis_client import connect
 log = logging.getLogger(__name__)
 KEY_PREFIX = "mlserve:p:"
 GENERATION_SLOTS = 4096
+# Cached predictions waiting to be written to Redis, per worker.
+MAX_PENDING_WRITES = 10_000
 
 
 class Generations:
@@ -44,6 +47,8 @@ class Generations:
     def slot(self, name: str) -> int:
         slot = self.slots.get(name)
         if slot is None:
+            if len(self.slots) >= len(self.counters):  # names come from messages too: bounded
+                self.slots.clear()
             slot = self.slots[name] = zlib.crc32(name.encode()) % len(self.counters)
         return slot
 
@@ -58,14 +63,35 @@ class Generations:
             self.counters[self.slot(name)] += 1
 
 
+# What one entry costs beyond its key and value: the (expires, generation,
+# value) tuple and the float in it (the generation is a cached small int).
+ENTRY_OVERHEAD = sys.getsizeof((0.0, 0, b"")) + sys.getsizeof(0.0)
+SMALL_INT = 256
+
+
+def compact(value: bytes) -> bytes:
+    """An exact-size copy. orjson's dumps() returns bytes that keep a ~4 KB
+    buffer whatever their length; kept for minutes in a cache, that buffer
+    would be the cost, not the value."""
+    return bytes(memoryview(value))
+
+
 class LRU:
-    """Bounded by entry count and by bytes; entries expire after ttl seconds."""
+    """Bounded by entry count and by bytes; entries expire after ttl seconds.
+    Bytes are what the worker's memory holds for the cache: every key and value
+    object, each entry's tuple, and the container's own table and nodes
+    (sys.getsizeof of the OrderedDict, which grows in steps). Values must be
+    compact (see compact())."""
 
     def __init__(self, max_entries: int, max_bytes: int, ttl: float, clock=time.monotonic):
         self.max_entries, self.max_bytes, self.ttl, self.clock = max_entries, max_bytes, ttl, clock
         self.entries: OrderedDict[bytes, tuple[float, int, bytes]] = OrderedDict()
-        self.bytes = 0
+        self.item_bytes = 0
         self.lock = threading.Lock()  # gthread workers share one LRU between threads
+
+    @property
+    def bytes(self) -> int:
+        return self.item_bytes + sys.getsizeof(self.entries)
 
     def get(self, key: bytes, generation: int) -> bytes | None:
         with self.lock:
@@ -79,29 +105,34 @@ class LRU:
             return entry[2]
 
     def put(self, key: bytes, generation: int, value: bytes) -> None:
-        size = len(key) + len(value)
+        size = entry_size(key, generation, value)
         if size > self.max_bytes or self.max_entries == 0:
             return
         with self.lock:
             self.discard(key)
             self.entries[key] = (self.clock() + self.ttl, generation, value)
-            self.bytes += size
-            while len(self.entries) > self.max_entries or self.bytes > self.max_bytes:
-                old, (_, _, value) = self.entries.popitem(last=False)
-                self.bytes -= len(old) + len(value)
+            self.item_bytes += size
+            while self.entries and (len(self.entries) > self.max_entries or self.bytes > self.max_bytes):
+                old, (_, old_generation, old_value) = self.entries.popitem(last=False)
+                self.item_bytes -= entry_size(old, old_generation, old_value)
 
     def discard(self, key: bytes) -> None:
         entry = self.entries.pop(key, None)
         if entry is not None:
-            self.bytes -= len(key) + len(entry[2])
+            self.item_bytes -= entry_size(key, entry[1], entry[2])
 
     def clear(self) -> None:
         with self.lock:
-            self.entries.clear()
-            self.bytes = 0
+            self.entries = OrderedDict()  # a fresh table: clear() keeps the old one's size
+            self.item_bytes = 0
 
     def __len__(self) -> int:
         return len(self.entries)
+
+
+def entry_size(key: bytes, generation: int, value: bytes) -> int:
+    extra = sys.getsizeof(generation) if generation > SMALL_INT else 0
+    return sys.getsizeof(key) + sys.getsizeof(value) + ENTRY_OVERHEAD + extra
 
 
 class BreakerMetrics(pybreaker.CircuitBreakerListener):
@@ -129,14 +160,17 @@ class RedisStore:
                             max_connections=pool_size)
         self.pid = None
         self.client: redis.Redis | None = None
-        self.writes: queue.Queue | None = None
+        self.writes: queue.SimpleQueue | None = None
+        self.pending = 0  # items queued for writing, at most MAX_PENDING_WRITES
+        self.pending_lock = threading.Lock()
 
     def connection(self) -> redis.Redis:
         # Sockets and threads belong to one process: made anew after a fork.
         if self.pid != os.getpid():
             self.pid = os.getpid()
             self.client = connect(self.url, **self.options)
-            self.writes = queue.Queue(maxsize=10_000)
+            self.writes = queue.SimpleQueue()
+            self.pending = 0
             threading.Thread(target=self.write_loop, name="cache-writer", daemon=True).start()
         return self.client
 
@@ -159,17 +193,22 @@ class RedisStore:
 
     def put_many(self, items: list[tuple[bytes, bytes]]) -> None:
         self.connection()
-        try:
-            self.writes.put_nowait(items)
-        except queue.Full:  # a slow Redis must not grow memory or block requests
-            pass
+        with self.pending_lock:
+            # A slow Redis must not grow memory or block requests: beyond the
+            # bound, writes are dropped (the next miss writes them again).
+            if self.pending + len(items) > MAX_PENDING_WRITES:
+                return
+            self.pending += len(items)
+        self.writes.put(items)
 
     def write_loop(self) -> None:
         while True:
             items = self.writes.get()
             while not self.writes.empty() and len(items) < 1000:  # coalesce into one pipeline
-                items = items + self.writes.get_nowait()
+                items = items + self.writes.get()
             self.write(items)
+            with self.pending_lock:
+                self.pending -= len(items)
 
     def write(self, items: list[tuple[bytes, bytes]]) -> None:
         def pipeline():
@@ -261,6 +300,7 @@ class PredictionCache:
         return None, None
 
     def put(self, model, key: bytes, value: bytes) -> None:
+        value = compact(value)
         if self.l1 is not None:
             self.l1.put(key, self.generations.current(model.name), value)
         if self.l2 is not None:
@@ -292,6 +332,7 @@ class PredictionCache:
         return found
 
     def put_many(self, model, items: list[tuple[bytes, bytes]]) -> None:
+        items = [(key, compact(value)) for key, value in items]
         if self.l1 is not None:
             generation = self.generations.current(model.name)
             for key, value in items:

@@ -272,7 +272,9 @@ def coerce(kind: type, value: Any) -> Any:
 
 def gunicorn_options(settings: Settings) -> dict[str, Any]:
     """The Gunicorn settings these settings make, by Gunicorn's names."""
-    options: dict[str, Any] = {"bind": [settings.bind], "pidfile": settings.pid_path}
+    # NOTE: no Gunicorn pidfile: Gunicorn writes it before it listens and leaves
+    # it behind when it cannot; app/server/runtime.py writes ours once listening.
+    options: dict[str, Any] = {"bind": [settings.bind]}
     for section in SECTION_CLASSES:
         values = getattr(settings, section)
         for f in dataclasses.fields(values):

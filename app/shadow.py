@@ -14,7 +14,8 @@ from app.loader import LoadedModel
 from app.metrics import Metrics
 
 log = logging.getLogger(__name__)
-MAX_PENDING = 10_000
+# Rows waiting for the shadow, per worker: a batch mirrors all its rows.
+MAX_PENDING_ROWS = 10_000
 
 
 class ShadowScorer:
@@ -22,15 +23,20 @@ class ShadowScorer:
         self.metrics = metrics
         self.pid: int | None = None
         self.pending: queue.SimpleQueue | None = None
+        self.pending_rows = 0
+        self.lock = threading.Lock()
 
     def submit(self, primary: LoadedModel, shadow: LoadedModel, X, labels: list) -> None:
         """Mirror rows X (a list for one row, or an array) answered with labels."""
         if self.pid != os.getpid():  # threads do not survive fork: one per worker
             self.pid = os.getpid()
-            self.pending = queue.SimpleQueue()
+            self.pending, self.pending_rows = queue.SimpleQueue(), 0
             threading.Thread(target=self.loop, name="shadow", daemon=True).start()
-        if self.pending.qsize() < MAX_PENDING:  # a slow candidate drops mirrors, never requests
-            self.pending.put((primary, shadow, X, labels))
+        with self.lock:
+            if self.pending_rows + len(labels) > MAX_PENDING_ROWS:
+                return  # a slow candidate drops mirrors, never requests
+            self.pending_rows += len(labels)
+        self.pending.put((primary, shadow, X, labels))
 
     def loop(self) -> None:
         while True:
@@ -40,6 +46,8 @@ class ShadowScorer:
             except Exception:
                 log.exception("shadow scoring of %s v%s failed", shadow.name, shadow.version)
                 self.metrics.shadow_error(primary, shadow)
+            with self.lock:
+                self.pending_rows -= len(labels)
 
     def compare(self, primary: LoadedModel, shadow: LoadedModel, X, labels: list) -> None:
         rows = np.array((X,) if isinstance(X, list) else X, dtype=np.float32)

@@ -45,6 +45,8 @@ class Server:
         }
         self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.process: subprocess.Popen | None = None
+        self.log_file = None
+        self.kept_log = ""
 
     def start(self, timeout: float = 60.0, ready: bool = True) -> "Server":
         self.log_file = open(self.log_path, "wb")
@@ -87,20 +89,29 @@ class Server:
             time.sleep(0.05)
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        if self.log_path.exists():
+            self.kept_log = self.log_path.read_text(errors="replace")
+        return self.kept_log
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else 0
-        self.process.send_signal(sig)
+        """Stop the server (if it runs) and remove its working directory; log() still answers."""
         try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+            if self.process is None or self.process.poll() is not None:
+                return self.process.returncode if self.process else 0
+            self.process.send_signal(sig)
+            try:
+                return self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                return self.process.wait()
         finally:
+            self.remove_workdir()
+
+    def remove_workdir(self) -> None:
+        if self.log_file is not None:
             self.log_file.close()
-            shutil.rmtree(self.workdir / "metrics", ignore_errors=True)
+        self.log()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> "Server":
         return self.start()

@@ -433,3 +433,28 @@ def test_rate_limit_off_by_default(registry, tmp_path):
     for _ in range(20):
         r = client.simulate_post("/api/v1/predict", json=body, remote_addr="10.1.2.3")
         assert r.status_code == 200 and r.json["prediction"] == 0
+
+
+def test_client_input_never_grows_the_metric_label_sets(registry, tmp_path):
+    """Model names, versions and paths a client makes up do not become labels."""
+    metrics = Metrics()
+    client = testing.TestClient(create_app(make_settings(tmp_path), registry, metrics))
+
+    def label_sets() -> int:
+        metrics.flush()
+        return sum(len(family.samples) for family in text_string_to_metric_families(metrics.render().decode()))
+    for i in range(3):  # every endpoint and status this test uses, once
+        predict(client, "iris_classifier", SETOSA)
+        predict(client, f"ghost_{i}", SETOSA)
+        predict(client, "iris_classifier", SETOSA, version=100 + i)
+        predict(client, "iris_classifier", [1, 2, i])
+        client.simulate_get(f"/no/such/path/{i}")
+        client.simulate_get(f"/api/v1/models/ghost_{i}")
+    before = label_sets()
+    for i in range(300):
+        predict(client, f"made_up_{i}", SETOSA)
+        predict(client, "iris_classifier", SETOSA, version=1000 + i)
+        predict(client, "iris_classifier", [1, 2, i])
+        client.simulate_get(f"/no/such/path/{i}")
+        client.simulate_get(f"/api/v1/models/made_up_{i}")
+    assert label_sets() == before

@@ -3,7 +3,11 @@ derivation, and generations. (Redis behaviour is tested against a real Redis
 in test_cache_server.py.)"""
 from __future__ import annotations
 
+import sys
+import tracemalloc
+
 import numpy as np
+import orjson
 
 from app.cache import LRU, Generations, PredictionCache
 from app.metrics import Metrics
@@ -29,13 +33,47 @@ def test_lru_evicts_least_recently_used_beyond_max_entries():
 
 
 def test_lru_is_bounded_by_bytes():
-    lru = LRU(max_entries=1000, max_bytes=100, ttl=60)
+    # Room for the container with three entries, not four.
+    three = LRU(10, 1 << 20, 60)
+    for i in range(3):
+        three.put(b"k%d" % i, 0, b"x" * 30)
+    lru = LRU(max_entries=1000, max_bytes=three.bytes + 20, ttl=60)
     for i in range(10):
-        lru.put(b"k%d" % i, 0, b"x" * 30)   # 32-33 bytes each
-    assert lru.bytes <= 100 and len(lru) == 3
+        lru.put(b"k%d" % i, 0, b"x" * 30)
+    # Churn leaves the table larger than three fresh entries need: two may be all that fit.
+    assert lru.bytes <= lru.max_bytes and 2 <= len(lru) <= 3
     assert lru.get(b"k9", 0) is not None and lru.get(b"k0", 0) is None
-    lru.put(b"huge", 0, b"x" * 200)         # larger than the whole cache: not kept
-    assert lru.get(b"huge", 0) is None and len(lru) == 3
+    lru.put(b"huge", 0, b"x" * 2000)        # larger than the whole cache: not kept
+    assert lru.get(b"huge", 0) is None and lru.get(b"k9", 0) is not None
+
+
+def test_lru_counts_objects_not_just_their_bytes():
+    lru = LRU(10, 1 << 20, 60)
+    empty = lru.bytes
+    lru.put(b"k", 0, b"v")
+    # A one-byte key and value cost their object headers, the entry and a table slot.
+    assert lru.bytes - empty >= sys.getsizeof(b"k") + sys.getsizeof(b"v") + sys.getsizeof((0.0, 0, b""))
+
+
+def test_a_filled_lru_holds_what_its_setting_says_within_10_percent():
+    """Filled through PredictionCache with real predictions' values (orjson's
+    over-allocated bytes), measured by tracemalloc, over a churn of 3x what fits."""
+    limit = 8 << 20
+    model = Model("iris_classifier", 1, 4)
+    rng = np.random.default_rng(0)
+    rows = rng.random((60_000, 4), dtype=np.float32).tolist()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    cache = PredictionCache(LRU(10_000_000, limit, 60), None, Generations(16), Metrics())
+    for i, row in enumerate(rows):
+        value = orjson.dumps({"prediction": i % 3, "probability": 0.97,
+                              "probabilities": {"0": 0.97, "1": 0.02, "2": 0.01}})
+        cache.put(model, cache.key(model, row), value)
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert 20_000 < len(cache.l1) < 40_000  # the byte bound binds, not the entry count
+    assert cache.l1.bytes <= limit
+    assert abs(held - limit) / limit < 0.10, (held, limit)
 
 
 def test_lru_entries_expire_after_ttl():
@@ -46,7 +84,7 @@ def test_lru_entries_expire_after_ttl():
     assert lru.get(b"a", 0) == b"1"
     clock.now += 0.2
     assert lru.get(b"a", 0) is None
-    assert len(lru) == 0 and lru.bytes == 0
+    assert len(lru) == 0 and lru.item_bytes == 0 and lru.bytes == sys.getsizeof(lru.entries)
 
 
 def test_lru_entry_from_an_older_generation_is_a_miss():

@@ -151,3 +151,40 @@ def test_ready_is_503_naming_a_configured_model_that_is_missing(demo_models, tmp
         assert ok.status_code == 200 and ok.json()["prediction"] == 0
     finally:
         server.stop()
+
+
+@pytest.mark.server
+def test_a_stopped_server_leaves_nothing_on_disk(demo_models, tmp_path):
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    server = Server(demo_models, workers=1, env={"TMPDIR": str(private_tmp)})
+    server.env.pop("MLSERVE_MONITORING_METRICS_DIR")  # the default: in the master's runtime directory
+    with server:
+        assert [p.name[:len("mlserve-run-")] for p in ours(private_tmp)] == ["mlserve-run-"]
+        assert json.loads(server.pid_file.read_text())["pid"] == server.master_pid
+        requests.post(server.url + "/api/v1/predict", json=IRIS)
+    assert ours(private_tmp) == []
+    assert not server.workdir.exists()  # the test harness's own folder, log and pid file included
+    assert "Listening at" in server.log()
+
+
+@pytest.mark.server
+def test_a_busy_port_is_one_line_before_any_model_loads(demo_models, tmp_path):
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        server = Server(demo_models, workers=1, env={"TMPDIR": str(private_tmp), "MLSERVE_BIND": f"127.0.0.1:{port}"})
+        with pytest.raises(RuntimeError, match="exited with 1"):
+            server.start()
+    log = server.log()
+    assert f"mlserve: 127.0.0.1:{port} is in use by another program; choose another port with server.port" in log
+    assert "loaded" not in log and "Traceback" not in log and "Connection in use" not in log
+    assert ours(private_tmp) == [] and not server.pid_file.exists()
+
+
+def ours(tmp) -> list:
+    # ONNX Runtime keeps a telemetry file (.ses) there; that one is not ours to remove.
+    return [p for p in tmp.iterdir() if p.name.startswith("mlserve")]

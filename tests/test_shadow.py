@@ -66,7 +66,7 @@ def test_a_failing_candidate_is_counted_as_an_error_and_scoring_goes_on():
 
 
 def test_mirrors_beyond_the_bound_are_dropped_not_queued(monkeypatch):
-    monkeypatch.setattr(shadow_module, "MAX_PENDING", 3)
+    monkeypatch.setattr(shadow_module, "MAX_PENDING_ROWS", 3)
     scorer = ShadowScorer(Metrics())
     blocked = []
     stuck = Model(2, lambda X: blocked.append(1) or __import__("time").sleep(5) or [0])
@@ -74,4 +74,6 @@ def test_mirrors_beyond_the_bound_are_dropped_not_queued(monkeypatch):
     for _ in range(10):
         scorer.submit(primary, stuck, [1.0], [0])
     until(lambda: blocked, what="the candidate is busy")
-    assert scorer.pending.qsize() <= 3
+    assert scorer.pending_rows <= 3 and scorer.pending.qsize() <= 2
+    scorer.submit(primary, stuck, np.zeros((5, 1), dtype=np.float32), [0] * 5)  # a batch counts its rows
+    assert scorer.pending.qsize() <= 2

@@ -113,7 +113,7 @@ def test_five_swaps_under_keep_alive_load_fail_no_request(two_versions, redis_se
         (1, lambda: admin(server, "rollback").raise_for_status()),
         (2, lambda: (lifecycle.promote("iris_classifier", 2), os.kill(server.master_pid, signal.SIGHUP))),
         (1, lambda: (lifecycle.rollback("iris_classifier"),
-                     notify_servers(redis_server.url, Path("/nonexistent"), "test"))),
+                     notify_servers(redis_server.url, Path("/nonexistent"), str(two_versions), "test"))),
         (2, lambda: cli.main(["models", "promote", "iris_classifier", "2"]) == 0 or pytest.fail("CLI promote")),
     ]
     swaps = []  # (asked, settled, version)

@@ -50,6 +50,7 @@ class Context:
     def changed(self, what: str) -> int:
         """Print what changed, then tell running servers."""
         print(what)
-        print(servers.notify_servers(self.settings.redis.url, Path(self.settings.pid_path), what))
+        settings = self.settings
+        print(servers.notify_servers(settings.redis.url, Path(settings.pid_path), settings.models.directory, what))
         sys.stdout.flush()
         return 0

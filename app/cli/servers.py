@@ -8,6 +8,7 @@ import os
 import signal
 from pathlib import Path
 
+from app import pidfile
 from app.cli.errors import UsageError
 from app.client import MLClient
 from app.control import ControlChannel
@@ -30,16 +31,20 @@ def client(url: str | None, settings: Settings | None) -> MLClient:
         raise UsageError(f"--url: {exc}") from None
 
 
-def notify_servers(redis_url: str, pid_file: Path, reason: str) -> str:
-    """Tell running servers that the repository changed; what was done, for the user."""
+def notify_servers(redis_url: str, pid_file: Path, models_dir: str, reason: str) -> str:
+    """Tell running servers that the repository changed; what was done, for the user.
+    A pid file that names anything but a live master of this repository is not signalled."""
     if redis_url:
         delivered = ControlChannel(redis_url).publish(reload_message("cli", reason))
         if delivered:
             return f"reload sent to {delivered} worker(s) through Redis"
     try:
-        pid = int(pid_file.read_text().strip())
-        os.kill(pid, signal.SIGHUP)
-    except (OSError, ValueError):
-        return f"no running server found (no Redis message delivered, no master at {pid_file}); " \
-               "the change applies when a server starts"
+        pid = pidfile.master(pid_file, models_dir)
+    except pidfile.StalePidFile as exc:
+        return f"signalled nothing: {exc}"
+    if pid is None:
+        where = "no Redis (redis.url)" if not redis_url else f"no worker listening on {redis_url}"
+        return (f"no running server found: no pid file at {pid_file} (server.pid_file), {where}; the change "
+                "applies when a server starts (a server elsewhere: use --url or MLSERVE_URL)")
+    os.kill(pid, signal.SIGHUP)
     return f"sent SIGHUP to the master (pid {pid})"

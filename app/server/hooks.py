@@ -8,6 +8,7 @@ import gc
 import logging
 import os
 import signal
+from pathlib import Path
 
 from app.server import runtime
 
@@ -40,6 +41,9 @@ def on_starting(server) -> None:
 
 
 def when_ready(server) -> None:
+    # Listening now: only from here may the CLI find and signal this master.
+    settings = service().settings
+    runtime.write_pid_file(Path(settings.pid_path), settings.models.directory)
     freeze()
 
 
