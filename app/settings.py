@@ -99,8 +99,10 @@ class Redis:
 @dataclass(frozen=True)
 class Cache:
     enabled: bool = setting(True, "Cache predictions (requests may still opt out with use_cache: false).")
-    l1_max_entries: int = setting(100_000, "Most predictions held in each worker's in-process cache (0: no L1).", at_least(0))
-    l1_max_bytes: int = setting(64 << 20, "Most bytes of predictions held in each worker's in-process cache.", at_least(0))
+    l1_max_entries: int = setting(1_000_000, "Most predictions held in each worker's in-process cache (0: no L1).",
+                                  at_least(0))
+    l1_max_bytes: int = setting(32 << 20, "Most memory each worker's in-process cache may hold, counted as the "
+                                "worker holds it (keys, values, entries, table).", at_least(0))
     l1_ttl: float = setting(60.0, "Seconds a prediction lives in the in-process cache.", between(0.001, 86400 * 30))
     l2_enabled: bool = setting(True, "Use Redis (redis.url) as a shared second level.")
     breaker_failures: int = setting(5, "Consecutive Redis failures that open the circuit breaker.", between(1, 1000))

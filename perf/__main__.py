@@ -4,6 +4,7 @@
     python -m perf commits A B ...  the server at several commits side by side
     python -m perf memory [...]     weights shared across workers: PSS at 1, 2, 4 and 8 workers
     python -m perf mlserver [...]   ours beside Seldon MLServer on the same forest
+    python -m perf soak [...]       memory under 10 minutes of mixed traffic and swaps stays bounded
     python -m perf bigmodels [...]  build the large models the memory benchmark serves
 
 `python -m perf SUBCOMMAND --help` lists each one's flags.
@@ -18,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 COMMANDS = {"run": "perf.bench", "commits": "perf.commits", "memory": "perf.memory",
-            "mlserver": "perf.mlserver", "bigmodels": "perf.bigmodels"}
+            "mlserver": "perf.mlserver", "soak": "perf.soak", "bigmodels": "perf.bigmodels"}
 
 
 def main(argv: list[str]) -> int:

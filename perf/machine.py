@@ -12,6 +12,7 @@ from pathlib import Path
 from tests.server import ROOT
 
 TICKS = os.sysconf("SC_CLK_TCK")
+ROLLUP_FIELDS = ("Rss", "Pss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Private_Dirty", "Anonymous")
 PACKAGES = ("gunicorn", "meinheld", "falcon", "orjson", "numpy", "onnxruntime")
 
 
@@ -41,6 +42,17 @@ def pss_mb(pids: list[int]) -> float:
             if line.startswith("Pss:"):
                 total_kb += int(line.split()[1])
     return total_kb / 1024
+
+
+def rollup(pid: int) -> dict[str, float]:
+    """smaps_rollup in MB, plus uss = Private_Clean + Private_Dirty."""
+    values = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, _, rest = line.partition(":")
+        if key in ROLLUP_FIELDS:
+            values[key.lower()] = int(rest.split()[0]) / 1024
+    values["uss"] = values["private_clean"] + values["private_dirty"]
+    return values
 
 
 def machine_busy_seconds() -> float:

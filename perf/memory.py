@@ -48,22 +48,10 @@ MAX_ROUNDS = 3
 FLUSH_WAIT = 1.5
 BASELINE = "iris_classifier"
 MODELS = {"mlp": bigmodels.MLP, "forest": bigmodels.FOREST, "forest_sklearn": bigmodels.FOREST_SKLEARN}
-ROLLUP_FIELDS = ("Rss", "Pss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Private_Dirty", "Anonymous")
 PACKAGES = ("gunicorn", "meinheld", "numpy", "onnxruntime", "scikit-learn", "prometheus-client")
 
 
 # --- reading memory ---------------------------------------------------------
-
-def rollup(pid: int) -> dict[str, float]:
-    """smaps_rollup in MB, plus uss = Private_Clean + Private_Dirty."""
-    values = {}
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
-        key, _, rest = line.partition(":")
-        if key in ROLLUP_FIELDS:
-            values[key.lower()] = int(rest.split()[0]) / 1024
-    values["uss"] = values["private_clean"] + values["private_dirty"]
-    return values
-
 
 def private_mappings(pid: int, top: int = 5) -> list[tuple[str, float]]:
     """The mappings holding most of a process's private memory (MB): where
@@ -81,7 +69,7 @@ def private_mappings(pid: int, top: int = 5) -> list[tuple[str, float]]:
 
 
 def snapshot(master: int, workers: list[int]) -> dict:
-    return {"master": rollup(master), "workers": {str(pid): rollup(pid) for pid in workers}}
+    return {"master": machine.rollup(master), "workers": {str(pid): machine.rollup(pid) for pid in workers}}
 
 
 # --- load -------------------------------------------------------------------
