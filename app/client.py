@@ -69,9 +69,11 @@ def error_class(status: int) -> type[MLServeError]:
 
 
 class MLClient:
-    """One keep-alive session to an mlserve server; not thread-safe (use one per thread)."""
+    """One keep-alive session to an mlserve server; not thread-safe (use one per thread).
+    api_key, when given, is sent as Authorization: Bearer on every request (the
+    server's admin token is accepted for the admin calls)."""
 
-    def __init__(self, base_url: str = "http://localhost:8080", timeout: float = 10.0):
+    def __init__(self, base_url: str = "http://localhost:8080", timeout: float = 10.0, api_key: str | None = None):
         parts = urlsplit(base_url)
         try:
             valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
@@ -83,25 +85,54 @@ class MLClient:
         self.timeout = timeout
         self.session = requests.Session()
         self.session.headers["Accept"] = "application/json"
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
 
     def predict(self, model_name: str, features: Features, use_cache: bool = True,
-                version: int | None = None) -> dict:
-        """One prediction: the server's response plus client_latency_ms (round trip as seen here)."""
-        body: dict[str, Any] = {"model_name": model_name, "features": features, "use_cache": use_cache}
-        if version is not None:
-            body["version"] = version
+                version: int | None = None, routing_key: str | None = None) -> dict:
+        """One prediction: the server's response plus client_latency_ms (round trip as seen here).
+        version pins a loaded version; routing_key keeps a caller on one side of a split."""
+        body = request_body(model_name, use_cache, version, routing_key, features=features)
         started = time.perf_counter()
         result = self.request("POST", "/api/v1/predict", body)
         result["client_latency_ms"] = (time.perf_counter() - started) * 1000.0
         return result
 
-    def batch_predict(self, model_name: str, features_list: Sequence[Features],
-                      version: int | None = None) -> dict:
+    def batch_predict(self, model_name: str, features_list: Sequence[Features], version: int | None = None,
+                      use_cache: bool = True, routing_key: str | None = None) -> dict:
         """Predictions for many rows in one request (predictions, probabilities, classes, count, ...)."""
-        body: dict[str, Any] = {"model_name": model_name, "features_batch": features_list}
-        if version is not None:
-            body["version"] = version
+        body = request_body(model_name, use_cache, version, routing_key, features_batch=features_list)
         return self.request("POST", "/api/v1/batch_predict", body)
+
+    # --- the admin API (needs the admin token or an admin key) --------------------
+
+    def promote(self, model_name: str, version: int, reason: str = "") -> dict:
+        """Serve version on every host; the old one is kept for rollback."""
+        return self.admin(model_name, "promote", {"version": version, "reason": reason})
+
+    def rollback(self, model_name: str, reason: str = "") -> dict:
+        return self.admin(model_name, "rollback", {"reason": reason})
+
+    def split(self, model_name: str, weights: Mapping[int, float] | None, reason: str = "") -> dict:
+        """Route traffic over versions by weight ({1: 90, 2: 10}); None ends the split."""
+        return self.admin(model_name, "split", {"weights": {str(v): w for v, w in (weights or {}).items()} or None,
+                                                "reason": reason})
+
+    def shadow(self, model_name: str, version: int | None, reason: str = "") -> dict:
+        """Mirror requests to version off the response path; None stops it."""
+        return self.admin(model_name, "shadow", {"version": version, "reason": reason})
+
+    def reload(self, model_name: str) -> dict:
+        """Reload every host from the repository (after a change made there by hand)."""
+        return self.admin(model_name, "reload", {})
+
+    def invalidate_cache(self, model_name: str | None = None) -> dict:
+        """Drop one model's cached predictions (None: every model's) on every host."""
+        return self.request("POST", "/api/v1/admin/cache/invalidate",
+                            {"model_name": model_name} if model_name else {})
+
+    def admin(self, model_name: str, action: str, body: dict) -> dict:
+        return self.request("POST", f"/api/v1/admin/models/{quote(model_name, safe='')}/{action}", body)
 
     def get_model_info(self, model_name: str) -> dict:
         """What the server knows of one model: features, classes, task, runtime, versions, status."""
@@ -162,6 +193,16 @@ class MLClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def request_body(model_name: str, use_cache: bool, version: int | None, routing_key: str | None,
+                 **rows) -> dict[str, Any]:
+    body: dict[str, Any] = {"model_name": model_name, **rows, "use_cache": use_cache}
+    if version is not None:
+        body["version"] = version
+    if routing_key is not None:
+        body["routing_key"] = routing_key
+    return body
 
 
 def error_from(response: requests.Response) -> MLServeError:

@@ -14,6 +14,7 @@ from app.loader import LoadedModel
 # bool is a subclass of int but true/false are not measurements: refused.
 is_number = frozenset((int, float)).__contains__
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+ROWS_HINT = "; several rows go to /api/v1/batch_predict as features_batch"
 # Values beyond float32 become inf, which finite() refuses with a 422; the
 # cast's warning would only add noise to the log.
 warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning)
@@ -79,14 +80,16 @@ def as_list(model: LoadedModel, features, where: str) -> list:
     elif type(features) is not list:
         raise InvalidFeatures(f"{where} must be a list of {model.n_features} numbers or an object "
                               f"keyed by feature name", expected=model.feature_names)
+    # Rows sent where one row is expected: say where they go.
+    hint = ROWS_HINT if where == "features" and list in map(type, features) else ""
     if len(features) != model.n_features:
         raise InvalidFeatures(f"{where} has {len(features)} values; {model.name} expects "
-                              f"{model.n_features}: {', '.join(model.feature_names)}",
+                              f"{model.n_features}: {', '.join(model.feature_names)}{hint}",
                               expected=model.feature_names)
     if not all(map(is_number, map(type, features))):
         i = next(i for i, v in enumerate(features) if not is_number(type(v)))
         raise InvalidFeatures(f"{where}[{i}] ({model.feature_names[i]}) must be a number, "
-                              f"got {type_name(features[i])}", expected=model.feature_names)
+                              f"got {type_name(features[i])}{hint}", expected=model.feature_names)
     return features
 
 

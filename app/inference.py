@@ -4,6 +4,7 @@ a shadow. predict() and batch_predict() give the v1 response bodies (JSON
 bytes); other protocols call route() and score() and shape their own."""
 from __future__ import annotations
 
+import difflib
 import functools
 import time
 from typing import NamedTuple
@@ -20,6 +21,9 @@ from app.registry import ModelState, Registry
 from app.shadow import ShadowScorer
 
 CACHE_LEVELS = {None: b"false", "l1": b'"l1"', "l2": b'"l2"'}
+COMMON_FIELDS = ("model_name", "version", "use_cache", "routing_key")
+PREDICT_FIELDS = frozenset(("features", *COMMON_FIELDS))
+BATCH_FIELDS = frozenset(("features_batch", *COMMON_FIELDS))
 
 
 class Scores(NamedTuple):
@@ -31,11 +35,12 @@ class Scores(NamedTuple):
 
 class Predictor:
     def __init__(self, registry: Registry, max_batch_rows: int, cache: PredictionCache | None = None,
-                 shadow: ShadowScorer | None = None):
+                 shadow: ShadowScorer | None = None, allow_unknown_fields: bool = False):
         self.registry = registry
         self.max_batch_rows = max_batch_rows
         self.cache = cache
         self.shadow = shadow
+        self.allow_unknown_fields = allow_unknown_fields
 
     def route(self, name: str, version: int | None, key: str | None) -> tuple[ModelState, LoadedModel]:
         """The model that answers: a pinned version, else the split's pick, else the serving one."""
@@ -90,6 +95,8 @@ class Predictor:
     # --- the v1 API --------------------------------------------------------
 
     def predict(self, body: dict, started: float, routing_key: str | None = None) -> tuple[LoadedModel, bytes]:
+        if not (body.keys() <= PREDICT_FIELDS or self.allow_unknown_fields):
+            raise unknown_field(body, PREDICT_FIELDS, "predict")
         state, model = self.route(*v1_route(body, routing_key))
         if "features" not in body:
             raise MissingField("features is required")
@@ -114,6 +121,8 @@ class Predictor:
             (time.perf_counter() - started) * 1000.0)
 
     def batch_predict(self, body: dict, started: float, routing_key: str | None = None) -> tuple[LoadedModel, bytes]:
+        if not (body.keys() <= BATCH_FIELDS or self.allow_unknown_fields):
+            raise unknown_field(body, BATCH_FIELDS, "batch_predict")
         state, model = self.route(*v1_route(body, routing_key))
         if "features_batch" not in body:
             raise MissingField("features_batch is required")
@@ -146,6 +155,20 @@ def v1_route(body: dict, routing_key: str | None) -> tuple[str, int | None, str 
     if key is not None and type(key) is not str:
         raise InvalidField("routing_key must be a string")
     return name, version, key
+
+
+def unknown_field(body: dict, known: frozenset, endpoint: str) -> InvalidField:
+    """The refusal of a field the endpoint does not take, with the likely one meant."""
+    name = sorted(body.keys() - known)[0]
+    if name == "features_batch":
+        hint = "; several rows go to /api/v1/batch_predict"
+    elif name == "features" and "features_batch" in known:
+        hint = "; one row goes to /api/v1/predict, or put it in features_batch"
+    else:
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+    return InvalidField(f"unknown field {name[:80]!r}{hint} ({endpoint} takes {', '.join(sorted(known))})",
+                        field=name[:80])
 
 
 def v1_use_cache(body: dict) -> bool:

@@ -82,6 +82,8 @@ class Server:
                                        gunicorn="max_requests_jitter")
     max_body_bytes: int = setting(1_048_576, "Largest request body accepted; larger gets 413.", between(64, 1 << 30))
     max_batch_rows: int = setting(10_000, "Most rows in one batch_predict; more gets 413.", between(1, 10_000_000))
+    allow_unknown_fields: bool = setting(False, "Accept request fields the API does not know (clients that add their "
+                                         "own metadata); off: 422 naming the field.")
     cors_origins: str = setting("", "Comma-separated origins allowed by CORS ('*' for any; empty: CORS off).")
     pid_file: str = setting("", "Where the master writes its pid, read by the CLI to signal it (empty: <tmp>/mlserve-<port>.pid).")
     admin_token: str = setting("", "Bearer token for /api/v1/admin/* (empty: the admin API is off).")
@@ -132,6 +134,17 @@ class RateLimiting:
     burst: int = setting(2000, "Requests a client may make in any one second window before 429.", between(1, 10_000_000))
 
 
+def http_url(v: str) -> str | None:
+    if v == "" or v.startswith(("http://", "https://")):
+        return None
+    return "empty or an http:// or https:// URL"
+
+
+@dataclass(frozen=True)
+class Cli:
+    url: str = setting("", "The server mlserve commands talk to (empty: http://server.host:server.port).", http_url)
+
+
 @dataclass(frozen=True)
 class Settings:
     server: Server = field(default_factory=Server)
@@ -140,6 +153,7 @@ class Settings:
     models: Models = field(default_factory=Models)
     monitoring: Monitoring = field(default_factory=Monitoring)
     rate_limiting: RateLimiting = field(default_factory=RateLimiting)
+    cli: Cli = field(default_factory=Cli)
 
     @property
     def bind(self) -> str:
@@ -151,13 +165,14 @@ class Settings:
 
 
 SECTION_CLASSES = {"server": Server, "redis": Redis, "cache": Cache, "models": Models,
-                   "monitoring": Monitoring, "rate_limiting": RateLimiting}
+                   "monitoring": Monitoring, "rate_limiting": RateLimiting, "cli": Cli}
 
 # Short environment names for the settings people change most.
 SHORT_FORMS = {
     "MLSERVE_WORKERS": ("server", "workers"),
     "MLSERVE_MODELS_DIR": ("models", "directory"),
     "MLSERVE_REDIS_URL": ("redis", "url"),
+    "MLSERVE_URL": ("cli", "url"),
 }
 
 

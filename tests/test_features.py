@@ -92,16 +92,31 @@ def test_single_error_carries_the_expected_names(model):
     assert info.value.details["expected"] == NAMES
 
 
-@pytest.mark.parametrize("row, count", [(ROW[:3], 3), (ROW + [1.0], 5), ([], 0), ([ROW], 1)])
+@pytest.mark.parametrize("row, count", [(ROW[:3], 3), (ROW + [1.0], 5), ([], 0)])
 def test_single_wrong_count(model, row, count):
     assert refused(features.single, model, row) == f"features has {count} values; {EXPECTS}"
+
+
+def test_one_row_wrapped_in_a_list_points_at_batch_predict(model):
+    assert refused(features.single, model, [ROW]) == \
+        f"features has 1 values; {EXPECTS}; several rows go to /api/v1/batch_predict as features_batch"
 
 
 @pytest.mark.parametrize("value, described", [("3.5", "a string"), (True, "a boolean"), (False, "a boolean"),
                                               (None, "null"), ([3.5], "a list"), ({"v": 3.5}, "an object")])
 def test_single_non_number_names_the_position_and_feature(model, value, described):
     row = [5.1, value, 1.4, 0.2]
-    assert refused(features.single, model, row) == f"features[1] (sepal_width) must be a number, got {described}"
+    hint = "; several rows go to /api/v1/batch_predict as features_batch" if described == "a list" else ""
+    assert refused(features.single, model, row) == f"features[1] (sepal_width) must be a number, got {described}{hint}"
+
+
+def test_rows_sent_to_predict_point_at_batch_predict(model):
+    two = refused(features.single, model, [[5.1, 3.5, 1.4, 0.2], [6.0, 3.0, 4.8, 1.8]])
+    assert two == f"features has 2 values; {EXPECTS}; several rows go to /api/v1/batch_predict as features_batch"
+    one = refused(features.single, model, [[5.1, 3.5, 1.4, 0.2], 1, 2, 3])
+    assert one.endswith("got a list; several rows go to /api/v1/batch_predict as features_batch")
+    # Inside a batch the hint would be wrong: it is not given.
+    assert "batch_predict" not in refused(features.batch, model, [[[1, 2, 3, 4]] * 4], 10)
 
 
 def test_single_first_bad_value_is_reported(model):

@@ -120,6 +120,12 @@ def test_the_shadow_gets_unpinned_requests_only(models):
     ({"model_name": "iris_classifier", "features": SETOSA, "use_cache": "yes"}, InvalidField, "use_cache must be true or false"),
     ({"model_name": "iris_classifier", "features": SETOSA, "routing_key": 7}, InvalidField, "routing_key must be a string"),
     ({"model_name": "nope", "features": SETOSA}, ModelNotFound, "no model named 'nope'"),
+    ({"model_name": "iris_classifier", "features": SETOSA, "use_cahce": False}, InvalidField,
+     "unknown field 'use_cahce'; did you mean 'use_cache'? (predict takes features, model_name, routing_key, "
+     "use_cache, version)"),
+    ({"model_name": "iris_classifier", "features_batch": [SETOSA]}, InvalidField,
+     "unknown field 'features_batch'; several rows go to /api/v1/batch_predict (predict takes features, "
+     "model_name, routing_key, use_cache, version)"),
 ])
 def test_bad_requests_raise_the_error_that_names_the_problem(models, body, error, message):
     p, _ = predictor(models)
@@ -132,3 +138,16 @@ def test_the_plan_of_the_shipped_config_serves_every_model(models):
     from tests.server import ROOT
 
     assert read_plan(ROOT / "config" / "models.yaml").names(ModelRepository(models)) == ["iris_classifier"]
+
+
+def test_unknown_fields_pass_when_the_setting_allows_them(models):
+    p, _ = predictor(models)
+    p.allow_unknown_fields = True
+    answer = predict(p, {"model_name": "iris_classifier", "features": SETOSA, "trace": {"id": 7}})
+    assert answer["prediction"] == 0
+
+
+def test_a_batch_names_its_unknown_field(models):
+    p, _ = predictor(models)
+    with pytest.raises(InvalidField, match="unknown field 'features'; one row goes to /api/v1/predict"):
+        p.batch_predict({"model_name": "iris_classifier", "features": SETOSA}, time.perf_counter())

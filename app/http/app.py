@@ -61,7 +61,8 @@ def create_app(settings: Settings, registry: Registry, metrics: Metrics, started
         middleware.append(RateLimit(limits.requests_per_second, limits.burst, settings.redis.url))
     app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
-    predictor = Predictor(registry, settings.server.max_batch_rows, cache, shadow)
+    predictor = Predictor(registry, settings.server.max_batch_rows, cache, shadow,
+                          settings.server.allow_unknown_fields)
     control = control or ControlChannel("")
     limit = settings.server.max_body_bytes
     app.add_route("/api/v1/predict", resources.Predict(predictor, limit))
