@@ -34,6 +34,8 @@ preload_app = True
 # Hot swap and shutdown go through signals; no second control channel.
 control_socket_disable = True
 hooks.prepare_metrics(_settings.monitoring.metrics_dir)
+if _starting:
+    hooks.check_models_config(_settings)
 
 on_starting = hooks.on_starting
 when_ready = hooks.when_ready

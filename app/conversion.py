@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -32,17 +33,33 @@ def to_onnx_bytes(estimator, n_features: int) -> bytes:
 
 
 def convert_and_verify(estimator, task: str, classes, n_features: int, sample: np.ndarray,
-                       tolerance: float) -> tuple[bytes | None, Verdict]:
+                       tolerance: float, progress: Callable[[str], None] = lambda step: None
+                       ) -> tuple[bytes | None, Verdict]:
     """Convert, then compare ORT with scikit-learn on sample. Never raises."""
     if len(sample) == 0:
         return None, Verdict(False, "no reference sample to verify the ONNX conversion on")
+    if task == "classification" and not hasattr(estimator, "predict_proba"):
+        return None, Verdict(False, f"{algorithm_of(estimator)} has no predict_proba{PROBA_HINTS.get(algorithm_of(estimator), '')}"
+                                    "; served by scikit-learn, which gives labels only")
+    progress("converting to ONNX")
     try:
         graph = to_onnx_bytes(estimator, n_features)
         candidate = OnnxRuntime(graph, task, classes)
     except Exception as exc:  # skl2onnx raises many types for unsupported models
         return None, Verdict(False, f"skl2onnx could not convert {type(estimator).__name__}: {first_line(exc)}")
+    progress(f"verifying ONNX Runtime against scikit-learn on {len(sample)} reference rows")
     verdict = compare(SklearnRuntime(estimator, task), candidate, sample, task, tolerance)
     return (graph if verdict.verified else None), verdict
+
+
+# Why a classifier has no probabilities, where scikit-learn makes it an option.
+PROBA_HINTS = {"SVC": " (SVC without probability=True)", "NuSVC": " (NuSVC without probability=True)"}
+
+
+def algorithm_of(estimator) -> str:
+    """The final estimator's class name (a pipeline's last step)."""
+    return type(getattr(estimator, "steps", [[None, estimator]])[-1][1]).__name__
+
 
 
 def compare(reference: SklearnRuntime, candidate: OnnxRuntime, sample: np.ndarray,

@@ -55,10 +55,12 @@ class LoadedModel:
         }
 
 
-def load(mv: ModelVersion, tolerance: float) -> LoadedModel:
-    """Load and check one version; InvalidModel says why it must not serve."""
+def load(mv: ModelVersion, tolerance: float, reconvert: bool = False) -> LoadedModel:
+    """Load and check one version; InvalidModel says why it must not serve.
+    A conversion to ONNX that failed when the version was published is not
+    tried again unless reconvert asks for it."""
     try:
-        return build(mv, tolerance)
+        return build(mv, tolerance, reconvert)
     except InvalidModel:
         raise
     except Exception as exc:
@@ -67,7 +69,7 @@ def load(mv: ModelVersion, tolerance: float) -> LoadedModel:
         release_free_memory()
 
 
-def build(mv: ModelVersion, tolerance: float) -> LoadedModel:
+def build(mv: ModelVersion, tolerance: float, reconvert: bool) -> LoadedModel:
     meta = mv.metadata
     if meta["artifact"] == "model.onnx":
         return from_onnx(mv)
@@ -80,7 +82,7 @@ def build(mv: ModelVersion, tolerance: float) -> LoadedModel:
         task = require_task(mv, meta.get("task"))
         runtime = OnnxRuntime(str(path), task, meta.get("classes"))
         return assemble(mv, task, runtime, None, runtime.n_features)
-    return from_estimator(mv, tolerance)
+    return from_estimator(mv, tolerance, reconvert)
 
 
 def from_onnx(mv: ModelVersion) -> LoadedModel:
@@ -91,7 +93,7 @@ def from_onnx(mv: ModelVersion) -> LoadedModel:
     return assemble(mv, task, runtime, None, runtime.n_features)
 
 
-def from_estimator(mv: ModelVersion, tolerance: float) -> LoadedModel:
+def from_estimator(mv: ModelVersion, tolerance: float, reconvert: bool = False) -> LoadedModel:
     import joblib
 
     estimator = joblib.load(mv.checked_file(mv.metadata["artifact"], "sha256"))
@@ -101,8 +103,13 @@ def from_estimator(mv: ModelVersion, tolerance: float) -> LoadedModel:
     classes = meta.get("classes")
     if classes is None and task == "classification":
         classes = np.asarray(estimator.classes_).tolist()
-    sample = np.asarray(meta.get("reference_sample") or [], dtype=np.float32).reshape(-1, n_features)
-    graph, verdict = convert_and_verify(estimator, task, classes, n_features, sample, tolerance)
+    recorded = meta.get("conversion")
+    if recorded and not recorded.get("verified") and not reconvert:
+        # Decided when it was published; converting again would decide the same, slowly.
+        graph, verdict = None, Verdict(False, recorded.get("reason"), recorded.get("max_abs_diff"))
+    else:
+        sample = np.asarray(meta.get("reference_sample") or [], dtype=np.float32).reshape(-1, n_features)
+        graph, verdict = convert_and_verify(estimator, task, classes, n_features, sample, tolerance)
     if graph is not None:
         runtime: Runtime = OnnxRuntime(graph, task, classes)
     else:

@@ -13,7 +13,7 @@ import joblib
 import numpy as np
 
 from app.clock import utc_now
-from app.conversion import convert_and_verify
+from app.conversion import algorithm_of, convert_and_verify
 from app.errors import InvalidModel, ModelRefused
 from app.features import width_change
 from app.lifecycle import Lifecycle
@@ -23,12 +23,17 @@ from app.runtimes import open_session, signature
 
 REFERENCE_ROWS = 64
 Check = Callable[[ModelVersion], None]
+Progress = Callable[[str], None]  # told each slow step as it starts
+
+
+def silent(step: str) -> None:
+    pass
 
 
 def publish_estimator(repository: ModelRepository, name: str, estimator, X: np.ndarray,
                       feature_names: list[str], metrics: dict, tolerance: float = 1e-5,
                       extra: dict | None = None, check: Check | None = None, by: str = "", reason: str = "",
-                      stats: dict | None = None) -> ModelVersion:
+                      stats: dict | None = None, progress: Progress = silent) -> ModelVersion:
     """Save a fitted estimator as the next version of name, with its ONNX
     conversion when verified equivalent on a reference sample of X. check, if
     given, may refuse the staged version before it is added."""
@@ -36,13 +41,16 @@ def publish_estimator(repository: ModelRepository, name: str, estimator, X: np.n
     rng = np.random.default_rng(0)
     sample = X[rng.choice(len(X), size=min(REFERENCE_ROWS, len(X)), replace=False)].astype(np.float32)
     classes = np.asarray(estimator.classes_).tolist() if task == "classification" else None
-    graph, verdict = convert_and_verify(estimator, task, classes, X.shape[1], sample, tolerance)
+    graph, verdict = convert_and_verify(estimator, task, classes, X.shape[1], sample, tolerance, progress)
+    if not verdict.verified:
+        progress(f"not converted: {verdict.reason}")
     with tempfile.TemporaryDirectory() as tmp:
+        progress(f"writing {name}'s next version to {repository.root / name}")
         files = {"model.joblib": Path(tmp) / "model.joblib"}
         joblib.dump(estimator, files["model.joblib"])
         metadata = {
             "task": task,
-            "algorithm": type(getattr(estimator, "steps", [[None, estimator]])[-1][1]).__name__,
+            "algorithm": algorithm_of(estimator),
             "feature_names": feature_names,
             "classes": classes,
             "created": utc_now(precise=False),
@@ -81,7 +89,7 @@ class Publisher:
         self.tolerance = lifecycle.tolerance
 
     def publish(self, path: Path, name: str, feature_names: list[str] | None = None, task: str | None = None,
-                classes: list | None = None, by: str = "", reason: str = "") -> ModelVersion:
+                classes: list | None = None, by: str = "", reason: str = "", progress: Progress = silent) -> ModelVersion:
         """Copy an artifact into the repository as the next version of name.
         ModelRefused (or Conflict, when no server would serve it) says why not."""
         self.lifecycle.allow(check_name(name), "publish")
@@ -91,11 +99,14 @@ class Publisher:
         current = self.current_metadata(name)
         suffix = path.suffix.lower()
         if suffix == ".onnx":
+            progress(f"loading {path}")
             files, metadata = self.onnx_version(path, current, feature_names, task, classes)
+            progress(f"checking it and writing {name}'s next version")
             return self.repository.add_version(name, files, metadata, check=self.check_staged, by=by,
                                                reason=reason)
         if suffix in (".joblib", ".pkl"):
-            return self.estimator_version(path, name, current, feature_names, by, reason)
+            progress(f"loading {path}")
+            return self.estimator_version(path, name, current, feature_names, by, reason, progress)
         raise ModelRefused(f"{path}: artifacts are .onnx, .joblib or .pkl")
 
     def check_staged(self, staged: ModelVersion) -> None:
@@ -127,7 +138,7 @@ class Publisher:
         return {"model.onnx": path}, metadata
 
     def estimator_version(self, path: Path, name: str, current: dict | None, feature_names, by: str,
-                          reason: str) -> ModelVersion:
+                          reason: str, progress: Progress) -> ModelVersion:
         # A local file the operator names: trusted like the repository itself.
         # Nothing received over the network is ever unpickled.
         try:
@@ -142,7 +153,7 @@ class Publisher:
         return publish_estimator(self.repository, name, estimator, sample, metadata["feature_names"],
                                  (current or {}).get("metrics") or {}, self.tolerance,
                                  extra={"published_from": str(path)}, check=self.check_staged, by=by,
-                                 reason=reason, stats=(current or {}).get("reference_stats"))
+                                 reason=reason, stats=(current or {}).get("reference_stats"), progress=progress)
 
     def common_metadata(self, path: Path, width: int, current: dict | None, feature_names, source: str) -> dict:
         serving = (current or {}).get("feature_names") or []

@@ -64,10 +64,12 @@ Result = tuple[str, str, str]  # (model, "swapped" | "refused" | "unchanged", de
 
 
 class Registry:
-    def __init__(self, repository: ModelRepository, read_plan: Callable[[], ServingPlan], tolerance: float):
+    def __init__(self, repository: ModelRepository, read_plan: Callable[[], ServingPlan], tolerance: float,
+                 reconvert: bool = False):
         self.repository = repository
         self.read_plan = read_plan
         self.tolerance = tolerance
+        self.reconvert = reconvert
         self.plan = ServingPlan()
         self.models: dict[str, ModelState] = {}
 
@@ -97,7 +99,7 @@ class Registry:
                 versions[version] = old.versions[version]
                 continue
             try:
-                versions[version] = load(self.repository.get(name, version), self.tolerance)
+                versions[version] = load(self.repository.get(name, version), self.tolerance, self.reconvert)
             except (InvalidModel, VersionNotFound) as exc:
                 refused[version] = getattr(exc, "message", str(exc))
                 log.error("refused %s v%s: %s", name, version, refused[version])

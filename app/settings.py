@@ -116,6 +116,8 @@ class Models:
     directory: str = setting("models", "The model repository: <directory>/<name>/<version>/.")
     config: str = setting("config/models.yaml", "Which models (and pinned versions) to serve.")
     verify_tolerance: float = setting(1e-5, "Largest probability difference accepted between ONNX and scikit-learn.", between(0, 1))
+    reconvert: bool = setting(False, "Convert to ONNX again, at load, the versions whose conversion failed when they "
+                                     "were published (after an upgrade of skl2onnx, say).")
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,7 @@ def http_url(v: str) -> str | None:
 @dataclass(frozen=True)
 class Cli:
     url: str = setting("", "The server mlserve commands talk to (empty: http://server.host:server.port).", http_url)
+    api_key: str = setting("", "The key mlserve commands and the client send (Authorization: Bearer).")
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,7 @@ SHORT_FORMS = {
     "MLSERVE_MODELS_DIR": ("models", "directory"),
     "MLSERVE_REDIS_URL": ("redis", "url"),
     "MLSERVE_URL": ("cli", "url"),
+    "MLSERVE_API_KEY": ("cli", "api_key"),
 }
 
 

@@ -2,14 +2,14 @@
 and publish it (app/publishing.py) as a new version of a model."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 
+from app.columns import feature_name
 from app.conversion import first_line
 from app.errors import InvalidData
-from app.publishing import publish_estimator
+from app.publishing import Progress, publish_estimator, silent
 from app.repository import ModelRepository, ModelVersion
 
 
@@ -36,12 +36,6 @@ def algorithms() -> dict:
         "kmeans": ("clustering", lambda: make_pipeline(StandardScaler(), KMeans(n_clusters=3, n_init=10, random_state=42))),
         "dbscan": ("clustering", lambda: DBSCAN(eps=0.5, min_samples=5)),
     }
-
-
-def clean_feature_name(name: str) -> str:
-    """'sepal length (cm)' -> 'sepal_length'."""
-    name = re.sub(r"\(.*?\)", "", str(name)).strip().lower()
-    return re.sub(r"[^a-z0-9]+", "_", name).strip("_") or "feature"
 
 
 def evaluate(estimator, task: str, X: np.ndarray, y: np.ndarray | None, cv: int = 5) -> tuple[dict, str]:
@@ -78,7 +72,7 @@ def evaluate(estimator, task: str, X: np.ndarray, y: np.ndarray | None, cv: int 
 
 
 def train_csv(repository: ModelRepository, csv_path: Path, target: str | None, name: str,
-              algorithm: str, tolerance: float = 1e-5) -> tuple[ModelVersion, str]:
+              algorithm: str, tolerance: float = 1e-5, progress: Progress = silent) -> tuple[ModelVersion, str]:
     """The whole train-evaluate-save flow for a CSV of numeric features and a target column."""
     import csv
 
@@ -105,12 +99,13 @@ def train_csv(repository: ModelRepository, csv_path: Path, target: str | None, n
             raw = [r[t] for r in body]
             y = np.array([float(v) for v in raw]) if task == "regression" else np.array(as_labels(raw))
         estimator = factory()
+        progress(f"training {algorithm} on {len(X)} rows and {X.shape[1]} features (with 5-fold cross-validation)")
         metrics, report = evaluate(estimator, task, X, y)
     except ValueError as exc:  # scikit-learn says what it cannot fit in a ValueError
         raise InvalidData(f"{csv_path}: cannot train {algorithm} on this data: {first_line(exc)}") from None
-    names = [clean_feature_name(header[i]) for i in feature_cols]
+    names = [feature_name(header[i]) for i in feature_cols]
     mv = publish_estimator(repository, name, estimator, X, names, metrics, tolerance,
-                           {"training_data": str(csv_path), "target": target})
+                           {"training_data": str(csv_path), "target": target}, progress=progress)
     return mv, report
 
 
@@ -149,7 +144,7 @@ def build_demo_models(repository: ModelRepository, only_missing: bool = True) ->
         X, y = np.asarray(data.data, dtype=np.float64), np.asarray(data.target)
         estimator = factory()
         metrics, _ = evaluate(estimator, task, X, None if task == "clustering" else y)
-        names = [clean_feature_name(n) for n in data.feature_names]
+        names = [feature_name(n) for n in data.feature_names]
         built.append(publish_estimator(repository, name, estimator, X, names, metrics,
                                        extra={"training_data": f"sklearn.datasets.{loader.__name__}"}))
     return built

@@ -221,7 +221,8 @@ def test_batch_refuses_input_it_cannot_send(server, tmp_path, capsys):
     write_csv(source, ["sepal_length", "sepal_width", "petal_length"], [["5.1", "3.5", "1.4"]])
     status, _, err = run(capsys, "batch", "iris_classifier", str(source), str(target), "--url", server.url)
     assert (status, err) == (1, f"mlserve: {source}: no column for petal_width; the model expects "
-                                "sepal_length, sepal_width, petal_length, petal_width\n")
+                                "sepal_length, sepal_width, petal_length, petal_width; the file has "
+                                "sepal_length, sepal_width, petal_length\n")
     write_csv(source, None, [["5.1", "3.5", "1.4", "0.2"]])
     status, _, err = run(capsys, "batch", "iris_classifier", str(source), str(target), "--url", server.url)
     assert status == 1 and err.endswith("the first row looks like data: use --no-header\n")
@@ -284,3 +285,28 @@ def test_batch_rejects_a_chunk_size_below_one(server, tmp_path, capsys):
         main(["batch", "iris_classifier", "in.csv", "out.csv", "--chunk-size", "0", "--url", server.url])
     assert exited.value.code == 2
     assert "--chunk-size: expected a number >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.server
+def test_the_csv_a_model_was_trained_on_is_the_csv_batch_predicts_on(fresh_models, tmp_path, capsys, monkeypatch):
+    from sklearn.datasets import load_wine
+
+    from tests.server import Server
+
+    data = load_wine()
+    source = tmp_path / "wine.csv"
+    # scikit-learn's own column names: "od280/od315_of_diluted_wines", spaces, units.
+    write_csv(source, list(data.feature_names) + ["cultivar"],
+              [list(map(str, row)) + [str(y)] for row, y in zip(data.data, data.target)])
+    monkeypatch.setenv("MLSERVE_MODELS_DIR", str(fresh_models))
+    status, out, _ = run(capsys, "train", str(source), "--target", "cultivar", "--name", "wine_kind",
+                         "--algorithm", "logistic_regression")
+    assert status == 0 and "saved wine_kind v1" in out
+    with Server(fresh_models, workers=1) as server:
+        target = tmp_path / "out.csv"
+        status, out, err = run(capsys, "batch", "wine_kind", str(source), str(target), "--url", server.url)
+        assert (status, err) == (0, ""), err
+        rows = read_csv(target)
+        assert len(rows) == 1 + len(data.data) and rows[0][-4:] == ["prediction", "p_0", "p_1", "p_2"]
+        accuracy = sum(int(r[-4]) == int(r[-5]) for r in rows[1:]) / len(data.data)
+        assert accuracy > 0.9

@@ -1,8 +1,10 @@
 """Publishing and the serving-state verbs on a real repository, through the CLI."""
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import subprocess
 
 import joblib
 import requests
@@ -11,6 +13,7 @@ from sklearn.datasets import load_iris
 from sklearn.ensemble import RandomForestClassifier
 
 from app import cli
+from tests.wait import until
 
 
 @pytest.fixture
@@ -154,7 +157,6 @@ def test_a_model_not_in_the_models_yaml_list_is_refused_with_the_fix(repo, tmp_p
 @pytest.mark.server
 def test_a_model_published_under_a_new_name_is_served_after_the_reload(repo, tmp_path, monkeypatch, capsys):
     from tests.server import Server
-    from tests.wait import until
 
     with Server(repo, workers=1) as server:  # the shipped config/models.yaml
         monkeypatch.setenv("MLSERVE_SERVER_PID_FILE", str(server.pid_file))
@@ -167,3 +169,128 @@ def test_a_model_published_under_a_new_name_is_served_after_the_reload(repo, tmp
                               json={"model_name": "my_model", "features": [5.1, 3.5, 1.4, 0.2]})
             return r.json() if r.status_code == 200 else None
         assert until(answered, what="my_model is served")["model_version"] == 1
+
+
+# --- the CLI talks to the server it means ---------------------------------------
+
+@pytest.mark.server
+@pytest.mark.parametrize("content", ["{pid}\n", '{{"pid": {pid}, "start_time": 1, "models_dir": "{models}"}}\n'])
+def test_a_pid_file_naming_another_process_is_stale_and_nothing_is_signalled(repo, tmp_path, monkeypatch, capsys,
+                                                                              content):
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        pid_file = tmp_path / "server.pid"
+        pid_file.write_text(content.format(pid=bystander.pid, models=repo))
+        monkeypatch.setenv("MLSERVE_SERVER_PID_FILE", str(pid_file))
+        assert cli.main(["models", "shadow", "iris_classifier", "off"]) == 0
+        out = capsys.readouterr().out
+        assert "signalled nothing" in out and str(pid_file) in out and "SIGHUP" not in out
+        assert bystander.poll() is None  # alive: not signalled
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_without_a_running_server_the_cli_names_where_it_looked(repo, tmp_path, capsys):
+    assert cli.main(["models", "shadow", "iris_classifier", "off"]) == 0
+    out = capsys.readouterr().out
+    assert f"no running server found: no pid file at {tmp_path / 'none.pid'} (server.pid_file), no Redis (redis.url)" in out
+    assert "--url or MLSERVE_URL" in out
+
+
+@pytest.mark.server
+def test_lifecycle_commands_reach_a_server_elsewhere_with_url(fresh_models, tmp_path, monkeypatch, capsys):
+    from tests.server import Server
+
+    shutil.copytree(fresh_models / "iris_classifier" / "1", fresh_models / "iris_classifier" / "2")
+    local = tmp_path / "elsewhere"  # what the CLI would change without --url: not the server's repository
+    monkeypatch.setenv("MLSERVE_MODELS_DIR", str(local))
+    with Server(fresh_models, workers=1, env={"MLSERVE_SERVER_ADMIN_TOKEN": "t0ken"}) as server:
+        def version() -> int:
+            return requests.post(server.url + "/api/v1/predict", json={
+                "model_name": "iris_classifier", "features": [5.1, 3.5, 1.4, 0.2], "use_cache": False}).json()["model_version"]
+        assert cli.main(["models", "promote", "iris_classifier", "2", "--url", server.url, "--api-key", "t0ken"]) == 0
+        out = capsys.readouterr().out
+        assert "iris_classifier: serving v2 (previous v1)" in out and f"{server.url} is reloading" in out
+        until(lambda: version() == 2, what="the server serves v2")
+        monkeypatch.setenv("MLSERVE_URL", server.url)
+        monkeypatch.setenv("MLSERVE_API_KEY", "t0ken")
+        assert cli.main(["models", "rollback", "iris_classifier"]) == 0
+        until(lambda: version() == 1, what="the server serves v1 again")
+        monkeypatch.setenv("MLSERVE_API_KEY", "wrong")
+        err = one_line_error(capsys, ["models", "promote", "iris_classifier", "2"])
+        assert "forbidden: the admin token is not valid" in err
+    assert not local.exists()
+
+
+# --- slow steps, and decisions made once -----------------------------------------
+
+def test_slow_steps_are_announced_and_quick_ones_are_not():
+    from app.cli.output import Steps
+
+    stream = io.StringIO()
+    with Steps(stream, after=0.0) as steps:
+        steps("converting to ONNX")
+        until(lambda: "converting to ONNX" in stream.getvalue(), what="the step is announced")
+    quiet = io.StringIO()
+    with Steps(quiet, after=30.0) as steps:
+        steps("loading")
+    assert quiet.getvalue() == ""
+
+
+def test_publish_says_what_it_is_doing(repo, tmp_path, monkeypatch):
+    from app.cli import models
+
+    steps = []
+    monkeypatch.setattr(models, "Steps", lambda stream: Recorder(steps))
+    assert cli.main(["models", "publish", str(forest(tmp_path / "g.joblib")), "--name", "iris_classifier"]) == 0
+    assert steps[:3] == [f"loading {tmp_path / 'g.joblib'}", "converting to ONNX",
+                         "verifying ONNX Runtime against scikit-learn on 64 reference rows"]
+    assert steps[-1].startswith("writing iris_classifier's next version to ")
+
+
+class Recorder:
+    def __init__(self, steps: list):
+        self.steps = steps
+
+    def __call__(self, step: str) -> None:
+        self.steps.append(step)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def test_a_failed_conversion_is_recorded_once_in_words_and_not_tried_again(repo, tmp_path, monkeypatch, capsys):
+    from sklearn.svm import SVC
+
+    from app import conversion, loader
+    from app.repository import ModelRepository
+
+    X, y = load_iris(return_X_y=True)
+    joblib.dump(SVC().fit(X, y), tmp_path / "svc.joblib")
+    assert cli.main(["models", "publish", str(tmp_path / "svc.joblib"), "--name", "iris_classifier"]) == 0
+    out = capsys.readouterr().out
+    assert "published iris_classifier v2 (sklearn)" in out
+    meta = json.loads((repo / "iris_classifier" / "2" / "metadata.json").read_text())
+    assert meta["conversion"]["reason"] == ("SVC has no predict_proba (SVC without probability=True); "
+                                            "served by scikit-learn, which gives labels only")
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again at load")
+    monkeypatch.setattr(loader, "convert_and_verify", no_conversion)
+    model = loader.load(ModelRepository(repo).get("iris_classifier", 2), 1e-5)
+    assert model.runtime.name == "sklearn" and model.runtime_reason == meta["conversion"]["reason"]
+    monkeypatch.setattr(loader, "convert_and_verify", conversion.convert_and_verify)
+    assert loader.load(ModelRepository(repo).get("iris_classifier", 2), 1e-5, reconvert=True).runtime.name == "sklearn"
+
+
+def test_library_warnings_stay_out_of_the_cli(repo, tmp_path, capsys):
+    rows = tmp_path / "rows.csv"
+    X, y = load_iris(return_X_y=True)
+    rows.write_text("a,b,c,d,label\n" + "".join(",".join(map(str, [*x, t])) + "\n" for x, t in zip(X, y)))
+    # SVC(probability=True) is deprecated in scikit-learn 1.9: it warns on fit and on predict_proba.
+    assert cli.main(["train", str(rows), "--target", "label", "--name", "svm_model", "--algorithm", "svm"]) == 0
+    assert "Warning" not in capsys.readouterr().err

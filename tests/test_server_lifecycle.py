@@ -188,3 +188,19 @@ def test_a_busy_port_is_one_line_before_any_model_loads(demo_models, tmp_path):
 def ours(tmp) -> list:
     # ONNX Runtime keeps a telemetry file (.ses) there; that one is not ours to remove.
     return [p for p in tmp.iterdir() if p.name.startswith("mlserve")]
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("text, fragment", [
+    ("models:\n  iris_classifier: {versoin: 2}\n", "models.iris_classifier.versoin: unknown option; allowed: version"),
+    ("models:\n  iris_classifier: {version: [\n", "not valid YAML at line 3"),
+])
+def test_a_broken_models_yaml_stops_the_start_with_one_line(demo_models, tmp_path, text, fragment):
+    config = tmp_path / "models.yaml"
+    config.write_text(text)
+    server = Server(demo_models, workers=1, models_config=config)
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        server.start()
+    log = server.log()
+    assert f"mlserve: bad setting: {config}: " in log and fragment in log
+    assert "Traceback" not in log and "loaded" not in log

@@ -12,7 +12,8 @@ from app import cli
 from app.loader import load
 from app.errors import InvalidData
 from app.repository import ModelRepository
-from app.training import build_demo_models, clean_feature_name, train_csv
+from app.columns import feature_name as clean_feature_name
+from app.training import build_demo_models, train_csv
 from tests.models import TOLERANCE, dataset, write_csv
 
 DEMO = ("iris_classifier", "binary_classifier", "diabetes_regressor", "wine_clusters")

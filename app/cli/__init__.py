@@ -13,6 +13,7 @@ from app.cli import models, predict, train
 from app.cli.context import Context
 from app.cli.errors import CommandError
 from app.client import MLServeError
+from app.logs import quiet_library_warnings
 from app.errors import ServingError
 from app.settings import SettingError
 
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None, ctx: Context | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
+    quiet_library_warnings()
     try:
         return args.run(args, ctx or Context()) or 0
     except KeyboardInterrupt:
@@ -73,9 +75,9 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_url(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", help="the server (default: http://HOST:PORT of server.host and server.port "
-                                      "in the settings, http://127.0.0.1:8080 unless changed)")
+def add_url(parser: argparse.ArgumentParser, help: str | None = None) -> None:
+    parser.add_argument("--url", help=help or "the server (default: MLSERVE_URL, else http://HOST:PORT of "
+                                              "server.host and server.port, http://127.0.0.1:8080 unless changed)")
 
 
 if __name__ == "__main__":

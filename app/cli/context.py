@@ -3,6 +3,7 @@ repository, the lifecycle, a client for a running server. The model stack
 (numpy, ONNX Runtime, scikit-learn) is imported only by commands that use it."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from pathlib import Path
@@ -43,9 +44,17 @@ class Context:
 
         return Publisher(self.lifecycle)
 
-    def client(self, url: str | None) -> MLClient:
+    def client(self, url: str | None, api_key: str | None = None) -> MLClient:
         # Only the default URL needs the settings; an explicit one works with bad settings too.
-        return servers.client(url, self.settings if url is None else None)
+        return servers.client(url, self.settings if url is None else None, api_key)
+
+    def admin_client(self, args) -> contextlib.AbstractContextManager[MLClient | None]:
+        """A client for the server's admin API when --url (or MLSERVE_URL) names one, else None:
+        the command then changes the repository itself."""
+        url = args.url or self.settings.cli.url
+        if not url:
+            return contextlib.nullcontext(None)
+        return self.client(url, args.api_key or self.settings.cli.api_key or self.settings.server.admin_token or None)
 
     def changed(self, what: str) -> int:
         """Print what changed, then tell running servers."""

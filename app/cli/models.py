@@ -8,10 +8,11 @@ then tell running servers (app/cli/servers.py).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from app.cli.context import Context
-from app.cli.output import table
+from app.cli.output import Steps, table
 from app.cli.errors import UsageError
 
 TASKS = ("classification", "regression", "clustering")
@@ -44,11 +45,13 @@ def add_commands(models, add_url) -> None:
     promote.add_argument("name")
     promote.add_argument("version", type=int)
     promote.add_argument("--reason", default="")
+    add_remote(promote, add_url)
     promote.set_defaults(run=cmd_promote)
 
     rollback = models.add_parser("rollback", help="serve the previously serving version again")
     rollback.add_argument("name")
     rollback.add_argument("--reason", default="")
+    add_remote(rollback, add_url)
     rollback.set_defaults(run=cmd_rollback)
 
     versions = models.add_parser("versions", help="versions on disk and the serving history")
@@ -59,12 +62,14 @@ def add_commands(models, add_url) -> None:
     split.add_argument("name")
     split.add_argument("weights")
     split.add_argument("--reason", default="")
+    add_remote(split, add_url)
     split.set_defaults(run=cmd_split)
 
     shadow = models.add_parser("shadow", help="mirror requests to a version off the response path, or off")
     shadow.add_argument("name")
     shadow.add_argument("version")
     shadow.add_argument("--reason", default="")
+    add_remote(shadow, add_url)
     shadow.set_defaults(run=cmd_shadow)
 
 
@@ -98,7 +103,9 @@ def cmd_publish(args, ctx: Context) -> int:
     features = [f.strip() for f in args.features.split(",")] if args.features else None
     classes = [as_label(c) for c in args.classes.split(",")] if args.classes else None
     lifecycle = ctx.lifecycle
-    mv = ctx.publisher.publish(args.path, args.name, features, args.task, classes, reason=args.reason)
+    with Steps(sys.stderr) as progress:
+        mv = ctx.publisher.publish(args.path, args.name, features, args.task, classes, reason=args.reason,
+                                   progress=progress)
     runtime = mv.metadata.get("serving_runtime")
     state = lifecycle.serving_state(args.name)
     if args.promote and state.get("version") != mv.version:
@@ -109,18 +116,38 @@ def cmd_publish(args, ctx: Context) -> int:
     return ctx.changed(f"published {mv.name} v{mv.version} ({runtime}), {serving}")
 
 
+def add_remote(parser, add_url) -> None:
+    add_url(parser, "the server to change, through its admin API (default: MLSERVE_URL; with neither, "
+                    "the repository in models.directory, and running servers are told)")
+    parser.add_argument("--api-key", help="an admin key or the server's admin token "
+                                          "(default: MLSERVE_API_KEY, else server.admin_token)")
+
+
 def cmd_promote(args, ctx: Context) -> int:
+    with ctx.admin_client(args) as client:
+        if client:
+            answer = client.promote(args.name, args.version, args.reason)
+            return remote_change(client, answer, f"{args.name}: serving v{answer['serving_version']} "
+                                                 f"(previous v{answer['previous_version']})")
     state = ctx.lifecycle.promote(args.name, args.version, reason=args.reason)
     return ctx.changed(f"{args.name}: serving v{state['version']} (previous v{state['previous']})")
 
 
 def cmd_rollback(args, ctx: Context) -> int:
+    with ctx.admin_client(args) as client:
+        if client:
+            answer = client.rollback(args.name, args.reason)
+            return remote_change(client, answer, f"{args.name}: rolled back to v{answer['serving_version']}")
     state = ctx.lifecycle.rollback(args.name, reason=args.reason)
     return ctx.changed(f"{args.name}: rolled back to v{state['version']}")
 
 
 def cmd_split(args, ctx: Context) -> int:
     weights = None if args.weights == "off" else parse_split(args.weights)
+    with ctx.admin_client(args) as client:
+        if client:
+            answer = client.split(args.name, weights, args.reason)
+            return remote_change(client, answer, f"{args.name}: split {answer['split'] or 'off'}")
     state = ctx.lifecycle.split(args.name, weights, reason=args.reason)
     return ctx.changed(f"{args.name}: split {state['split'] or 'off'}")
 
@@ -129,8 +156,20 @@ def cmd_shadow(args, ctx: Context) -> int:
     if args.version != "off" and not args.version.isdigit():
         raise UsageError(f"expected a version number or off, got {args.version!r}")
     version = None if args.version == "off" else int(args.version)
+    shown = "off" if version is None else f"v{version}"
+    with ctx.admin_client(args) as client:
+        if client:
+            return remote_change(client, client.shadow(args.name, version, args.reason), f"{args.name}: shadow {shown}")
     ctx.lifecycle.shadow(args.name, version, reason=args.reason)
-    return ctx.changed(f"{args.name}: shadow {'off' if version is None else f'v{version}'}")
+    return ctx.changed(f"{args.name}: shadow {shown}")
+
+
+def remote_change(client, answer: dict, what: str) -> int:
+    others = answer["swap"]["other_hosts_notified"]
+    told = "no other host told (no Redis)" if others is None else f"{others} worker(s) of other hosts told"
+    print(what)
+    print(f"{client.base_url} is reloading; {told}")
+    return 0
 
 
 def cmd_versions(args, ctx: Context) -> int:

@@ -1,6 +1,8 @@
 """What the CLI prints: aligned tables and a progress bar on a terminal."""
 from __future__ import annotations
 
+import threading
+import time
 from typing import IO
 
 
@@ -35,3 +37,34 @@ class Progress:
             self.stream.write("\n")
             self.stream.flush()
         self.closed = True
+
+
+class Steps:
+    """The steps of a slow command, each announced (with the time since the
+    command began) once it has run for `after` seconds: a long publish or
+    train says what it is doing, a quick one stays quiet."""
+
+    def __init__(self, stream: IO[str], after: float = 0.5):
+        self.stream, self.after = stream, after
+        self.started = time.monotonic()
+        self.timer: threading.Timer | None = None
+
+    def __call__(self, step: str) -> None:
+        self.cancel()
+        self.timer = threading.Timer(self.after, self.announce, (step, time.monotonic() - self.started))
+        self.timer.daemon = True
+        self.timer.start()
+
+    def announce(self, step: str, at: float) -> None:
+        self.stream.write(f"[{at:5.1f} s] {step}\n")
+        self.stream.flush()
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def __enter__(self) -> "Steps":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cancel()

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import IO
 
+from app import columns
 from app.cli.context import Context
 from app.cli.output import Progress
 from app.cli.errors import CommandError, UsageError
@@ -130,16 +131,15 @@ def read_header(reader, features: list[str], path: Path) -> tuple[list[str], lis
     header = next(reader, None)
     if header is None:
         raise BadInput(f"{path}: empty file; expected a header row naming the features")
-    found: dict[str, int] = {}
-    for i, name in enumerate(h.strip() for h in header):
-        if name in features and name in found:
+    for name in features:
+        if [h.strip() for h in header].count(name) > 1:
             raise BadInput(f"{path}: column {name!r} appears twice in the header")
-        found.setdefault(name, i)
-    missing = [f for f in features if f not in found]
+    found, missing = columns.find(header, features)
     if missing:
         hint = "; the first row looks like data: use --no-header" if all(map(is_number, header)) else ""
         named = "any feature" if len(missing) == len(features) else ", ".join(missing)
-        raise BadInput(f"{path}: no column for {named}; the model expects {', '.join(features)}{hint}")
+        raise BadInput(f"{path}: no column for {named}; the model expects {', '.join(features)}; "
+                       f"the file has {', '.join(h.strip() for h in header) or 'no columns'}{hint}")
     return header, [found[f] for f in features]
 
 

@@ -17,16 +17,18 @@ from app.settings import Settings
 
 
 def default_url(settings: Settings) -> str:
-    """Where `mlserve serve` listens with these settings."""
+    """MLSERVE_URL (cli.url) when set, else where `mlserve serve` listens with these settings."""
+    if settings.cli.url:
+        return settings.cli.url
     host, port = settings.server.host, settings.server.port
     # A wildcard bind is reached through loopback; IPv6 literals need brackets in a URL.
     host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def client(url: str | None, settings: Settings | None) -> MLClient:
+def client(url: str | None, settings: Settings | None, api_key: str | None = None) -> MLClient:
     try:
-        return MLClient(url or default_url(settings))
+        return MLClient(url or default_url(settings), api_key=api_key)
     except ValueError as exc:
         raise UsageError(f"--url: {exc}") from None
 

@@ -1,9 +1,11 @@
 """mlserve train: fit a model on a CSV and add it to the repository."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from app.cli.context import Context
+from app.cli.output import Steps
 from app.cli.errors import UsageError
 
 
@@ -25,8 +27,9 @@ def cmd_train(args, ctx: Context) -> int:
     if args.algorithm not in algorithms():
         raise UsageError(f"unknown algorithm {args.algorithm!r}; one of {', '.join(algorithms())}")
     ctx.lifecycle.allow(args.name, "publish")
-    mv, report = train_csv(ctx.repository, args.csv, args.target, args.name, args.algorithm,
-                           ctx.settings.models.verify_tolerance)
+    with Steps(sys.stderr) as progress:
+        mv, report = train_csv(ctx.repository, args.csv, args.target, args.name, args.algorithm,
+                               ctx.settings.models.verify_tolerance, progress)
     print(report)
     print(f"saved {mv.name} v{mv.version} ({mv.metadata['serving_runtime']}) to {mv.path}")
     return 0

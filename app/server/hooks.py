@@ -8,6 +8,7 @@ import gc
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
 
 from app.server import runtime
@@ -30,6 +31,17 @@ def prepare_metrics(configured_dir: str) -> None:
     # across SIGHUP (the config file is read again then).
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(runtime.metrics_directory(configured_dir))
+
+
+def check_models_config(settings) -> None:
+    """A broken models.yaml stops the start with one line (a reload keeps the old list)."""
+    from app.plan import read_plan
+    from app.settings import SettingError
+
+    try:
+        read_plan(Path(settings.models.config))
+    except SettingError as exc:
+        sys.exit(f"mlserve: bad setting: {exc}")
 
 
 def on_starting(server) -> None:

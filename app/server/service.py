@@ -69,7 +69,7 @@ def build_service(settings: Settings, signal_master: Callable[[], None], runtime
     started = time.time()
     repository = ModelRepository(Path(settings.models.directory))
     plan = functools.partial(read_plan, Path(settings.models.config))
-    registry = Registry(repository, plan, settings.models.verify_tolerance)
+    registry = Registry(repository, plan, settings.models.verify_tolerance, settings.models.reconvert)
     registry.refresh()
     metrics = Metrics()
     cache = build_cache(settings, metrics)

@@ -6,12 +6,12 @@ module loads nothing.
 """
 from __future__ import annotations
 
-import logging
 import os
 import signal
 
 import falcon
 
+from app import logs
 from app import settings as settings_module
 from app.server.service import Service, build_service
 from app.server import runtime
@@ -23,7 +23,8 @@ def get_app() -> falcon.App:
     global _service
     if _service is None:
         settings = settings_module.load()
-        configure_logging(settings.monitoring.log_level)
+        logs.configure(settings.monitoring.log_level)
+        logs.quiet_library_warnings()
         _service = build_service(settings, signal_master, runtime.directory())
     return _service.app
 
@@ -39,6 +40,3 @@ def signal_master() -> None:
     """Called in a worker: its master reloads on SIGHUP."""
     os.kill(os.getppid(), signal.SIGHUP)
 
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
