@@ -4,7 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := iris_classifier binary_classifier diabetes_regressor wine_clusters
-SYSTEM_PACKAGES := redis-server wrk nginx
+# podman, runc and debootstrap build and run the image (tests/test_image.py);
+# docker-compose validates docker/docker-compose.yml (it needs no engine for that).
+SYSTEM_PACKAGES := redis-server wrk nginx podman runc debootstrap docker-compose
 
 .PHONY: install models serve test system-deps bench bench-mlserver clean
 
