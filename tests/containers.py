@@ -314,11 +314,21 @@ class Container:
         self.eng("rm", "-f", self.id, check=False, timeout=120)
 
 
-def run(eng: Engine, image: str, env: dict | None = None, volumes: list[str] | None = None) -> Container:
-    """A detached container on the host network."""
+def run(eng: Engine, image: str, env: dict | None = None, volumes: list[str] | None = None,
+        read_only_with_tmpfs: list[str] | None = None, user: str | None = None,
+        extra: list[str] | None = None) -> Container:
+    """A detached container on the host network. read_only_with_tmpfs: a
+    read-only root filesystem with a tmpfs at each of these paths only."""
     flags = [f"--env={k}={v}" for k, v in (env or {}).items()]
     flags += [f"--volume={v}" for v in volumes or []]
-    return Container(eng, eng.text("run", "-d", "--network", "host", *flags, image))
+    if read_only_with_tmpfs is not None:
+        flags.append("--read-only")
+        if eng.name == "podman":
+            flags.append("--read-only-tmpfs=false")  # podman would add its own /tmp, /var/tmp and /run
+        flags += [f"--tmpfs={path}" for path in read_only_with_tmpfs]
+    if user:
+        flags.append(f"--user={user}")
+    return Container(eng, eng.text("run", "-d", "--network", "host", *flags, *(extra or []), image))
 
 
 def healthcheck(eng: Engine, image: str) -> list[str]:

@@ -17,11 +17,11 @@ import requests
 import yaml
 
 from app import settings
+from tests.k8s import K8S, container_environment, find, kustomization, manifests, pod_spec, server_container
 from tests.nginx import TEMPLATE, UPSTREAM, Nginx
 from tests.server import ROOT
 
 DOCKER = ROOT / "docker"
-K8S = ROOT / "k8s"
 KUBERNETES_VERSION = "1.33.0"
 SHORT_FORMS = {"MLSERVE_BIND", "MLSERVE_WORKERS", "MLSERVE_MODELS_DIR", "MLSERVE_REDIS_URL", "MLSERVE_CONFIG"}
 DEFAULTS = settings.Settings()
@@ -182,27 +182,6 @@ def test_nginx_accepts_the_config():
 
 # --- Kubernetes ----------------------------------------------------------------
 
-def kustomization() -> dict:
-    return yaml.safe_load((K8S / "kustomization.yaml").read_text())
-
-
-def manifests() -> list[dict]:
-    docs = []
-    for name in kustomization()["resources"]:
-        docs += [doc for doc in yaml.safe_load_all((K8S / name).read_text()) if doc]
-    return docs
-
-
-def find(kind: str, name: str) -> dict:
-    matches = [d for d in manifests() if d["kind"] == kind and d["metadata"]["name"] == name]
-    assert len(matches) == 1, (kind, name)
-    return matches[0]
-
-
-def server_container() -> dict:
-    return find("Deployment", "mlserve")["spec"]["template"]["spec"]["containers"][0]
-
-
 def test_kustomization_lists_every_manifest():
     listed = set(kustomization()["resources"])
     assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
@@ -221,17 +200,6 @@ def test_every_manifest_is_valid_for_the_named_kubernetes_version():
     assert find("HorizontalPodAutoscaler", "mlserve")["apiVersion"] == "autoscaling/v2"
 
 
-def container_environment() -> dict[str, str | None]:
-    """Every MLSERVE_ variable the server container gets: the ConfigMap's, then its own env."""
-    container = server_container()
-    values: dict[str, str | None] = {}
-    for source in container.get("envFrom", []):
-        values.update(find("ConfigMap", source["configMapRef"]["name"])["data"])
-    for item in container.get("env", []):
-        values[item["name"]] = item.get("value")
-    return values
-
-
 def test_the_manifests_set_only_real_settings_with_valid_values():
     environment = container_environment()
     assert set(environment) <= setting_names(), set(environment) - setting_names()
@@ -242,7 +210,7 @@ def test_the_manifests_set_only_real_settings_with_valid_values():
     container = server_container()
     assert [p["containerPort"] for p in container["ports"]] == [loaded.server.port]
     assert loaded.server.host == "0.0.0.0"
-    volumes = {v["name"]: v for v in find("Deployment", "mlserve")["spec"]["template"]["spec"]["volumes"]}
+    volumes = {v["name"]: v for v in pod_spec()["volumes"]}
     mounted = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
     assert "persistentVolumeClaim" in mounted[loaded.models.directory]
     assert "emptyDir" in mounted[loaded.monitoring.metrics_dir]
@@ -261,7 +229,7 @@ def test_workers_follow_the_cpu_request():
 
 
 def test_the_grace_period_covers_the_prestop_sleep_and_the_drain():
-    spec = find("Deployment", "mlserve")["spec"]["template"]["spec"]
+    spec = pod_spec()
     pre_stop = server_container()["lifecycle"]["preStop"]["sleep"]["seconds"]
     graceful = int(container_environment().get("MLSERVE_SERVER_GRACEFUL_TIMEOUT")
                    or DEFAULTS.server.graceful_timeout)
@@ -269,7 +237,7 @@ def test_the_grace_period_covers_the_prestop_sleep_and_the_drain():
 
 
 def test_the_pod_runs_as_the_image_user_on_a_read_only_root():
-    spec = find("Deployment", "mlserve")["spec"]["template"]["spec"]
+    spec = pod_spec()
     container = server_container()
     uid = int(instruction("USER")[0].split(":")[0])
     assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == uid

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from app.repository import ModelRepository
-from tests import containers
+from tests import containers, k8s
 from tests.load import Load
 from tests.models import dataset, quick_classifier
 from tests.server import free_port
@@ -25,6 +25,8 @@ TAG = "localhost/mlserve:test"
 MODELS = "/srv/mlserve/models"
 GRACEFUL_TIMEOUT = 30  # server.graceful_timeout's default: the image sets no other
 SIZE_GOAL = 450 * 10**6  # bytes the image may add to its base
+COUNT_GUNICORN = ("import os; print(sum(1 for p in os.listdir('/proc') if p.isdigit() and int(p) != os.getpid() "
+                  "and b'/gunicorn' in open(f'/proc/{p}/cmdline', 'rb').read()))")
 DEMO = {"iris_classifier": "iris", "binary_classifier": "breast_cancer",
         "diabetes_regressor": "diabetes", "wine_clusters": "wine"}
 
@@ -42,10 +44,9 @@ def image(engine) -> str:
     return TAG
 
 
-def start(engine, image, env: dict | None = None, volumes: list[str] | None = None):
+def start(engine, image, env: dict | None = None, **options):
     port = free_port()
-    container = containers.run(engine, image, env={"MLSERVE_BIND": f"127.0.0.1:{port}", **(env or {})},
-                               volumes=volumes)
+    container = containers.run(engine, image, env={**(env or {}), "MLSERVE_BIND": f"127.0.0.1:{port}"}, **options)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(container, url)
@@ -164,5 +165,34 @@ def test_sigterm_under_light_load_drains_and_exits_0_within_the_graceful_timeout
         assert container.exit_code == 0, logs
         assert load.failures == [], logs
         assert "Handling signal: term" in logs and "Shutting down: Master" in logs
+    finally:
+        container.remove()
+
+
+def test_the_image_serves_as_the_kubernetes_pod_runs_it(engine, image, redis_server):
+    """k8s/deployment.yaml's container: its settings, its user, a read-only
+    root with writable space only where the pod mounts an emptyDir, no
+    capabilities. Only the address and Redis are this machine's."""
+    environment = {k: v for k, v in k8s.container_environment().items() if v is not None}
+    container_spec = k8s.server_container()
+    environment["MLSERVE_WORKERS"] = str(int(float(container_spec["resources"]["requests"]["cpu"])))
+    environment["MLSERVE_REDIS_URL"] = redis_server.url
+    context = k8s.pod_spec()["securityContext"]
+    assert container_spec["securityContext"]["readOnlyRootFilesystem"] is True
+    container, url = start(engine, image, env=environment, read_only_with_tmpfs=k8s.empty_dirs(),
+                           user=f"{context['runAsUser']}:{context['runAsGroup']}",
+                           extra=["--cap-drop=ALL", "--security-opt=no-new-privileges"])
+    try:
+        r = requests.post(url + "/api/v1/predict", json={"model_name": "iris_classifier",
+                                                         "features": [5.1, 3.5, 1.4, 0.2]}, timeout=10)
+        assert r.status_code == 200, r.text
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert requests.get(url + container_spec[probe]["httpGet"]["path"], timeout=10).status_code == 200
+        assert "mlserve_requests_total" in requests.get(url + "/metrics", timeout=10).text
+        processes = container.exec("python3", "-c", COUNT_GUNICORN)
+        assert processes.stdout.decode().strip() == str(1 + int(environment["MLSERVE_WORKERS"]))  # master + workers
+        assert container.exec("touch", "/srv/mlserve/written").returncode != 0  # the root is read-only
+        container.stop(timeout=k8s.pod_spec()["terminationGracePeriodSeconds"])
+        assert container.exit_code == 0, container.logs()
     finally:
         container.remove()
