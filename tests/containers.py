@@ -48,8 +48,10 @@ path-exclude /usr/share/locale/*
 path-include /usr/share/locale/locale.alias
 path-exclude /usr/share/man/*
 """
-APT_CLEAN = """DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
-APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+APT_CLEAN_COMMAND = ("rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb "
+                     "/var/cache/apt/*.bin || true")
+APT_CLEAN = f"""DPkg::Post-Invoke {{ "{APT_CLEAN_COMMAND}"; }};
+APT::Update::Post-Invoke {{ "{APT_CLEAN_COMMAND}"; }};
 Dir::Cache::pkgcache "";
 Dir::Cache::srcpkgcache "";
 """
@@ -114,25 +116,36 @@ class AptSource:
 
 def apt_sources() -> list[AptSource]:
     """The deb entries of this machine's apt configuration (one-line and deb822)."""
-    found = []
     etc = Path("/etc/apt")
-    files = [etc / "sources.list", *sorted((etc / "sources.list.d").glob("*.list"))]
-    for path in files:
+    found = []
+    for path in [etc / "sources.list", *sorted((etc / "sources.list.d").glob("*.list"))]:
         if path.is_file():
-            for line in path.read_text().splitlines():
-                words = re.sub(r"\[[^]]*\]", "", line.split("#", 1)[0]).split()
-                if len(words) >= 3 and words[0] == "deb":
-                    found.append(AptSource(words[1].rstrip("/"), [words[2]]))
+            found += one_line_sources(path.read_text())
     for path in sorted((etc / "sources.list.d").glob("*.sources")):
-        for stanza in re.split(r"\n\s*\n", path.read_text()):
-            fields = {}
-            for line in stanza.splitlines():
-                if ":" in line and not line.startswith(("#", " ")):
-                    key, value = line.split(":", 1)
-                    fields[key.strip().lower()] = value.strip()
-            if "deb" in fields.get("types", "").split() and fields.get("enabled", "yes").lower() != "no":
-                for uri in fields.get("uris", "").split():
-                    found.append(AptSource(uri.rstrip("/"), fields.get("suites", "").split()))
+        found += deb822_sources(path.read_text())
+    return found
+
+
+def one_line_sources(text: str) -> list[AptSource]:
+    found = []
+    for line in text.splitlines():
+        words = re.sub(r"\[[^]]*\]", "", line.split("#", 1)[0]).split()
+        if len(words) >= 3 and words[0] == "deb":
+            found.append(AptSource(words[1].rstrip("/"), [words[2]]))
+    return found
+
+
+def deb822_sources(text: str) -> list[AptSource]:
+    found = []
+    for stanza in re.split(r"\n\s*\n", text):
+        fields = {}
+        for line in stanza.splitlines():
+            if ":" in line and not line.startswith(("#", " ")):
+                key, value = line.split(":", 1)
+                fields[key.strip().lower()] = value.strip()
+        if "deb" in fields.get("types", "").split() and fields.get("enabled", "yes").lower() != "no":
+            found += [AptSource(uri.rstrip("/"), fields.get("suites", "").split())
+                      for uri in fields.get("uris", "").split()]
     return found
 
 
