@@ -34,6 +34,9 @@ from tests.server import Server, free_port
 pytestmark = [pytest.mark.server, pytest.mark.nginx]
 
 LOAD_SECONDS = 20  # the least time each load test keeps the load on
+# Old workers finish what they hold and close their connections after a swap:
+# the answers counted as "after" come this long after both instances answered v2.
+SETTLE_SECONDS = 5
 TOKEN = "nginx-admin-token"
 IRIS = {"model_name": "iris_classifier", "features": [5.1, 3.5, 1.4, 0.2], "use_cache": False}
 MAX_BODY = 1_048_576  # server.max_body_bytes
@@ -105,11 +108,16 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def keep_loading_until(load: Load, started: float, more_answers: int = 100) -> None:
-    """Hold the load for at least LOAD_SECONDS in all, and a last stretch of answers."""
+def keep_loading_until(load: Load, started: float, settled: float = 0.0, more_answers: int = 100) -> None:
+    """Hold the load for at least LOAD_SECONDS in all, and SETTLE_SECONDS
+    after `settled` (when a change was seen done), then a last stretch of answers."""
+    def long_enough() -> bool:
+        return time.monotonic() >= max(started + LOAD_SECONDS, settled + SETTLE_SECONDS)
+
+    wait_for(long_enough, LOAD_SECONDS + SETTLE_SECONDS + 60, "the load did not go on")
     target = load.count() + more_answers
-    wait_for(lambda: time.monotonic() - started >= LOAD_SECONDS and load.count() >= target,
-             LOAD_SECONDS + 60, f"the load did not go on: {load.count()} answers, failures {load.failures[:5]}")
+    wait_for(lambda: load.count() >= target, 60,
+             f"the load did not go on: {load.count()} answers, failures {load.failures[:5]}")
 
 
 def publish_iris_v2(models: Path) -> int:
@@ -140,11 +148,11 @@ def test_a_promotion_over_redis_reaches_both_instances_under_load(cluster):
         assert "through Redis" in promoted.stdout, promoted.stdout
         wait_for(lambda: all(predict_direct(s)["model_version"] == 2 for s in (a, b)), 30,
                  "both instances did not answer model_version 2 within 30 s")
-        keep_loading_until(load, started)
+        keep_loading_until(load, started, settled=time.monotonic())
     finally:
         load.stop()
     with load.lock:
-        last = [answer.body["model_version"] for answer in load.answers[-50:]]
+        last = [answer.body["model_version"] for answer in load.answers[-100:]]
     print(f"\n{load.count()} requests through nginx in {time.monotonic() - started:.0f} s, "
           f"{load.connections} client connections")
     assert load.failures == []
