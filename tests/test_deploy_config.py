@@ -175,6 +175,31 @@ def test_the_nginx_config_matches_the_server_settings():
     assert int(directive(upstream, "keepalive")[0]) > 0
 
 
+def test_nginx_answers_its_own_errors_in_the_servers_json_shape():
+    import json
+
+    text = TEMPLATE.read_text()
+    for code in (413, 502, 503, 504):
+        target = directive(text, f"error_page {code}")
+        assert target and target[0].startswith("@"), code
+        block = re.search(rf"location {re.escape(target[0])} \{{(.*?)\n    \}}", text, re.S).group(1)
+        returned = re.search(r"return (\d+) '(.*)';", block)
+        assert int(returned.group(1)) == code
+        body = json.loads(returned.group(2).replace("\\n", ""))
+        assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
+        assert directive(block, "default_type") == ["application/json"]
+
+
+def test_the_nginx_template_leaves_nginx_variables_to_nginx():
+    # The nginx image substitutes every environment variable it defines, with
+    # or without braces: nginx's own variables are all lower case, its
+    # environment's upper case, and NGINX_PORT is the one placeholder.
+    text = TEMPLATE.read_text()
+    assert set(re.findall(r"\$\{(\w+)\}", text)) == {"NGINX_PORT"}
+    names = re.findall(r"\$([A-Za-z_]\w*)", text.replace("${NGINX_PORT}", ""))
+    assert names and all(name == name.lower() for name in names)
+
+
 def test_nginx_accepts_the_config():
     checked = Nginx(["127.0.0.1:8080", "127.0.0.1:8081"]).test_config()
     assert checked.returncode == 0, checked.stderr
