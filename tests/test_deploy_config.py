@@ -5,6 +5,7 @@ named Kubernetes version) and the nginx config, checked against the settings
 the server declares and against a real server for the probe paths."""
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -59,8 +60,6 @@ def test_the_dockerfile_runs_gunicorn_as_pid_1_on_its_exposed_port():
 
 
 def healthcheck_command() -> list[str]:
-    import json
-
     return ["CMD", *json.loads(instruction("HEALTHCHECK")[0].split(" CMD ", 1)[1])]
 
 
@@ -176,8 +175,6 @@ def test_the_nginx_config_matches_the_server_settings():
 
 
 def test_nginx_answers_its_own_errors_in_the_servers_json_shape():
-    import json
-
     text = TEMPLATE.read_text()
     for code in (413, 502, 503, 504):
         target = directive(text, f"error_page {code}")

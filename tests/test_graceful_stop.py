@@ -32,8 +32,8 @@ def predict(conn: http.client.HTTPConnection) -> http.client.HTTPResponse:
 
 @pytest.mark.server
 @pytest.mark.xfail(strict=True, raises=ConnectionResetError,
-                   reason="a retiring worker keeps its listening sockets open (app/worker.py detach_listeners "
-                          "unregisters them from epoll but does not close them)")
+                   reason="a retiring meinheld worker keeps its listening sockets open (its detach_listeners "
+                          "takes them out of epoll but does not close them)")
 def test_a_connection_opened_after_the_drain_began_is_refused_not_reset(demo_models):
     server = Server(demo_models, workers=1).start()
     try:
