@@ -139,6 +139,7 @@ class Nginx:
                 self.process.wait()
         if self.process:
             self.access_log.close()
+        shutil.rmtree(self.prefix, ignore_errors=True)
 
     def __enter__(self) -> "Nginx":
         return self.start()
