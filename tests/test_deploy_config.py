@@ -198,7 +198,11 @@ def test_the_nginx_template_leaves_nginx_variables_to_nginx():
 
 
 def test_nginx_accepts_the_config():
-    checked = Nginx(["127.0.0.1:8080", "127.0.0.1:8081"]).test_config()
+    nginx = Nginx(["127.0.0.1:8080", "127.0.0.1:8081"])
+    try:
+        checked = nginx.test_config()
+    finally:
+        nginx.stop()
     assert checked.returncode == 0, checked.stderr
 
 
