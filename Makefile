@@ -4,7 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := iris_classifier binary_classifier diabetes_regressor wine_clusters
-SYSTEM_PACKAGES := redis-server wrk nginx
+# podman, runc and debootstrap build and run the image (tests/test_image.py).
+SYSTEM_PACKAGES := redis-server wrk nginx podman runc debootstrap
+# docker-compose validates docker/docker-compose.yml, which needs no engine:
+# installed without the Docker engine it recommends.
+SYSTEM_PACKAGES_NO_RECOMMENDS := docker-compose
 
 # ruff: pyflakes, pycodestyle, bugbear, and no function more complex than 15.
 RUFF := --select E,F,W,C901,B --ignore B905 --line-length 140 --target-version py311 \
@@ -31,11 +35,14 @@ serve: install models
 	exec $(BIN)/gunicorn -c gunicorn.conf.py
 
 system-deps:
-	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	fi
+	@set -e; missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	bare=""; for p in $(SYSTEM_PACKAGES_NO_RECOMMENDS); do dpkg -s $$p >/dev/null 2>&1 || bare="$$bare $$p"; done; \
+	if [ -n "$$missing$$bare" ]; then \
+	  echo "installing:$$missing$$bare"; \
+	  apt-get update -qq; \
+	fi; \
+	if [ -n "$$missing" ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi; \
+	if [ -n "$$bare" ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$bare >/dev/null; fi
 
 lint: install
 	$(BIN)/ruff check $(RUFF) app tests perf gunicorn.conf.py
