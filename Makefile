@@ -22,7 +22,7 @@ install: $(STAMP)
 # server needs no greenlet, so it goes in without its dependencies.
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[server,test]'
 	$(BIN)/pip install -q --no-deps meinheld==1.0.2
 	$(BIN)/python -c "import meinheld.server"
 	touch $@

@@ -252,3 +252,32 @@ def test_a_base_url_that_is_not_http_is_refused_at_once():
         with pytest.raises(ValueError):
             MLClient(url)
     assert MLClient("http://127.0.0.1:8080/").base_url == "http://127.0.0.1:8080"
+
+
+@pytest.mark.server
+def test_the_client_installs_and_works_without_the_server(server, tmp_path):
+    """pip install of the project without extras: the client and the commands
+    that ask a running server, none of the server's dependencies."""
+    import subprocess
+    import venv
+
+    from tests.server import ROOT
+
+    env_dir = tmp_path / "client-venv"
+    venv.create(env_dir, with_pip=True)
+    python = env_dir / "bin" / "python"
+    subprocess.run([str(python), "-m", "pip", "install", "-q", str(ROOT)], check=True, timeout=600,
+                   capture_output=True)
+    script = ("import importlib.util, sys\n"
+              "from app.client import MLClient\n"
+              f"print(MLClient({server.url!r}).predict('iris_classifier', [5.1, 3.5, 1.4, 0.2])['prediction'])\n"
+              "print([m for m in ('numpy', 'falcon', 'gunicorn', 'onnxruntime', 'sklearn', 'redis')"
+              " if importlib.util.find_spec(m)])\n")
+    done = subprocess.run([str(python), "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.splitlines() == ["0", "[]"], done.stderr
+    cli = subprocess.run([str(env_dir / "bin" / "mlserve"), "predict", "iris_classifier", "--features",
+                          "5.1,3.5,1.4,0.2", "--url", server.url], capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0 and '"prediction": 0' in cli.stdout, cli.stderr
+    local = subprocess.run([str(env_dir / "bin" / "mlserve"), "models", "versions", "iris_classifier"],
+                           capture_output=True, text=True, timeout=60)
+    assert local.returncode == 1 and "needs the server install (pip install 'mlserve[server]')" in local.stderr

@@ -1,13 +1,12 @@
 """What a client sees of a server that is stopping: found while testing the
 image's SIGTERM drain (tests/test_image.py), where it applies in the same way.
 
-After SIGTERM the master closes its listening sockets, but a retiring worker
-only takes them out of its epoll sets: their file descriptors stay open until
-the worker exits, so the kernel still completes new connections into the
-backlog, nobody accepts them, and they are reset when the worker exits about
-two seconds later. A client that reconnects after its last `Connection:
-close` answer (or a proxy without non-idempotent retries) then sees a reset
-instead of a refusal it could fail over on at once.
+After SIGTERM the master closes its listening sockets; a retiring worker
+must close its own copies too, or the kernel still completes new
+connections into the backlog, nobody accepts them, and they are reset when
+the worker exits about two seconds later. A client that reconnects after its
+last `Connection: close` answer (or a proxy without non-idempotent retries)
+would then see a reset instead of a refusal it could fail over on at once.
 """
 from __future__ import annotations
 
@@ -31,9 +30,6 @@ def predict(conn: http.client.HTTPConnection) -> http.client.HTTPResponse:
 
 
 @pytest.mark.server
-@pytest.mark.xfail(strict=True, raises=ConnectionResetError,
-                   reason="a retiring meinheld worker keeps its listening sockets open (its detach_listeners "
-                          "takes them out of epoll but does not close them)")
 def test_a_connection_opened_after_the_drain_began_is_refused_not_reset(demo_models):
     server = Server(demo_models, workers=1).start()
     try:

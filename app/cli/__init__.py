@@ -39,6 +39,10 @@ def main(argv: list[str] | None = None, ctx: Context | None = None) -> int:
         if exc.filename is None:
             raise
         return fail(f"{exc.filename}: {exc.strerror or exc}")
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] == "app":
+            raise
+        return fail(f"this command needs the server install (pip install 'mlserve[server]'): {exc}")
 
 
 def fail(message: str, status: int = 1) -> int:

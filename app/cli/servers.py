@@ -11,8 +11,6 @@ from pathlib import Path
 from app import pidfile
 from app.cli.errors import UsageError
 from app.client import MLClient
-from app.control import ControlChannel
-from app.reload import reload_message
 from app.settings import Settings
 
 
@@ -37,6 +35,9 @@ def notify_servers(redis_url: str, pid_file: Path, models_dir: str, reason: str)
     """Tell running servers that the repository changed; what was done, for the user.
     A pid file that names anything but a live master of this repository is not signalled."""
     if redis_url:
+        from app.control import ControlChannel  # the server install's redis client
+        from app.reload import reload_message
+
         delivered = ControlChannel(redis_url).publish(reload_message("cli", reason))
         if delivered:
             return f"reload sent to {delivered} worker(s) through Redis"

@@ -69,6 +69,13 @@ class MeinheldWorker(_MeinheldWorker):
             self.drain.active = True
         self.alive = False
         self.detach_listeners()
+        # Closed too, not only detached: while any retiring worker held a
+        # listener open, the kernel went on completing new connections into
+        # its backlog after the master had closed its own, and reset them when
+        # the worker exited. Closed, a new connection goes to a live worker
+        # (a swap), or is refused at once (a shutdown) and a proxy fails over.
+        for listener in self.sockets:
+            listener.close()
 
     def detach_listeners(self):
         """Take the listening sockets out of this process's epoll sets.

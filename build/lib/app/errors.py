@@ -1,0 +1,84 @@
+"""Errors named as facts. Each carries the HTTP status and a stable code;
+app/http/errors.py is the one place that turns them into responses, and the
+CLI's one error boundary (app/cli/__init__.py) into a line on stderr."""
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, **details):
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class InvalidJSON(ServingError):
+    status, code = 400, "invalid_json"
+
+
+class MissingField(ServingError):
+    status, code = 400, "missing_field"
+
+
+class InvalidField(ServingError):
+    status, code = 422, "invalid_field"
+
+
+class InvalidFeatures(ServingError):
+    status, code = 422, "invalid_features"
+
+
+class BodyTooLarge(ServingError):
+    status, code = 413, "body_too_large"
+
+
+class BatchTooLarge(ServingError):
+    status, code = 413, "batch_too_large"
+
+
+class NotFound(ServingError):
+    status, code = 404, "not_found"
+
+
+class ModelNotFound(ServingError):
+    status, code = 404, "model_not_found"
+
+
+class VersionNotFound(ServingError):
+    status, code = 404, "version_not_found"
+
+
+class ModelNotReady(ServingError):
+    status, code = 503, "model_not_ready"
+
+
+class RateLimited(ServingError):
+    status, code = 429, "rate_limited"
+
+
+class InvalidModel(Exception):
+    """An artifact that must not go live (bad checksum, fails to load or verify)."""
+
+
+class Unauthorized(ServingError):
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(ServingError):
+    status, code = 403, "forbidden"
+
+
+class Conflict(ServingError):
+    status, code = 409, "conflict"
+
+
+class ModelRefused(ServingError):
+    """A version that must not serve: it failed to load or to verify."""
+    status, code = 422, "model_refused"
+
+
+class InvalidData(ServingError):
+    """Data handed to the CLI or the core (a training CSV, say) that cannot be used as it is."""
+    status, code = 422, "invalid_data"

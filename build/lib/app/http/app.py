@@ -1,0 +1,82 @@
+"""The Falcon app factory: routes, middleware and the one error handler."""
+from __future__ import annotations
+
+import logging
+import time
+
+import falcon
+
+from app.cache import PredictionCache
+from app.control import ControlChannel
+from app.http import admin, errors, resources
+from app.http.ratelimit import RateLimit
+from app.inference import Predictor
+from app.lifecycle import Lifecycle
+from app.metrics import Metrics
+from app.registry import Registry
+from app.reload import ReloadTrigger
+from app.settings import Settings
+from app.shadow import ShadowScorer
+
+log = logging.getLogger(__name__)
+
+
+class Drain:
+    """Set when this worker is retiring: responses then close their connection."""
+    active = False
+
+
+class RequestMetrics:
+    """Times every request and counts it by model, version, endpoint and
+    status; while the worker drains, asks every client to reconnect."""
+
+    def __init__(self, metrics: Metrics, drain: Drain):
+        self.metrics = metrics
+        self.drain = drain
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.started = time.perf_counter()
+
+    def process_response(self, req, resp, resource, req_succeeded) -> None:
+        if self.drain.active:
+            resp.set_header("Connection", "close")
+        model = req.context.get("model")
+        self.metrics.observe(model.name if model else "", str(model.version) if model else "",
+                             getattr(resource, "endpoint", "none"), resp.status_code,
+                             time.perf_counter() - req.context.started)
+
+
+def create_app(settings: Settings, registry: Registry, metrics: Metrics, started: float | None = None, *,
+               cache: PredictionCache | None = None, control: ControlChannel | None = None,
+               lifecycle: Lifecycle | None = None, reloads: ReloadTrigger | None = None,
+               shadow: ShadowScorer | None = None, drain: Drain | None = None) -> falcon.App:
+    """The WSGI app over the given parts; builds nothing but the app itself."""
+    middleware: list = [RequestMetrics(metrics, drain or Drain())]
+    if settings.server.cors_origins:
+        origins = settings.server.cors_origins
+        middleware.append(falcon.CORSMiddleware(
+            allow_origins="*" if origins == "*" else [o.strip() for o in origins.split(",")]))
+    if settings.rate_limiting.enabled:
+        limits = settings.rate_limiting
+        middleware.append(RateLimit(limits.requests_per_second, limits.burst, settings.redis.url))
+    app = falcon.App(middleware=middleware)
+    app.req_options.strip_url_path_trailing_slash = True
+    predictor = Predictor(registry, settings.server.max_batch_rows, cache, shadow,
+                          settings.server.allow_unknown_fields)
+    control = control or ControlChannel("")
+    limit = settings.server.max_body_bytes
+    app.add_route("/api/v1/predict", resources.Predict(predictor, limit))
+    app.add_route("/api/v1/batch_predict", resources.BatchPredict(predictor, limit))
+    app.add_route("/api/v1/models", resources.Models(registry))
+    app.add_route("/api/v1/models/{name}", resources.Model(registry))
+    app.add_route("/health", resources.Health(registry, started or time.time()))
+    app.add_route("/ready", resources.Ready(registry))
+    auth = admin.AdminAuth(settings.server.admin_token)
+    app.add_route("/api/v1/admin/cache/invalidate", admin.CacheInvalidate(auth, registry, cache, control, limit))
+    if lifecycle is not None and reloads is not None:
+        app.add_route("/api/v1/admin/models/{name}/{action}",
+                      admin.ModelAction(auth, registry, lifecycle, reloads, limit))
+    if settings.monitoring.prometheus_enabled:
+        app.add_route("/metrics", resources.MetricsText(metrics))
+    app.add_error_handler(errors.HANDLED, errors.handle)
+    return app

@@ -1,0 +1,139 @@
+"""Prometheus metrics, aggregated over every worker (multiprocess mode).
+
+PROMETHEUS_MULTIPROC_DIR is set by gunicorn.conf.py before this module is
+imported; without it (unit tests, one process) metrics live in memory.
+
+PERF: writing a multiprocess metric is a locked mmap write (~1 us each, three
+per request). Requests are counted into plain in-process tallies instead and
+flushed into the Prometheus values every FLUSH_SECONDS by a background
+thread, and before every scrape, so a scrape lags other workers by at most
+that long.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from bisect import bisect_left
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess
+
+BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+FLUSH_SECONDS = 1.0
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self.requests = Counter("mlserve_requests", "Requests by model, version, endpoint and status.",
+                                ["model", "version", "endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("mlserve_request_duration_seconds", "Server time per request.",
+                                 ["model", "version", "endpoint"], buckets=BUCKETS, registry=self.registry)
+        self.models_loaded = Gauge("mlserve_models_loaded", "Models serving in this worker.",
+                                   multiprocess_mode="livemax", registry=self.registry)
+        self.serving_version = Gauge("mlserve_model_serving_version", "Version serving per model.",
+                                     ["model"], multiprocess_mode="livemax", registry=self.registry)
+        self.cache_lookups = Counter("mlserve_cache_lookups", "Cache lookups by level (l1, l2), model and result (hit, miss).",
+                                     ["level", "model", "result"], registry=self.registry)
+        self.l2_latency = Histogram("mlserve_cache_l2_duration_seconds", "Redis round trips of the cache.",
+                                    buckets=BUCKETS, registry=self.registry)
+        self.breaker_state = Gauge("mlserve_cache_breaker_state", "Redis circuit breaker: 0 closed, 1 half-open, 2 open.",
+                                   multiprocess_mode="livemax", registry=self.registry)
+        self.breaker_transitions = Counter("mlserve_cache_breaker_transitions", "Circuit breaker state changes.",
+                                           ["state"], registry=self.registry)
+        self.swaps = Counter("mlserve_model_swaps", "Model reloads by result (swapped, refused, unchanged).",
+                             ["model", "result"], registry=self.registry)
+        self.shadow_comparisons = Counter("mlserve_shadow_comparisons", "Shadow scoring by result (agree, disagree, error).",
+                                          ["model", "primary", "shadow", "result"], registry=self.registry)
+        self.shadow_diff = Histogram("mlserve_shadow_abs_diff", "Absolute difference of shadow and primary (regression).",
+                                     ["model", "primary", "shadow"], registry=self.registry,
+                                     buckets=(1e-6, 1e-4, 1e-3, 0.01, 0.1, 1.0, 10.0, 100.0))
+        self.lock = threading.Lock()
+        # (model, version, endpoint, status) -> [count, seconds, per-bucket counts]
+        self.pending: dict[tuple, list] = {}
+        # (counter, labels) -> count, for the other hot-path counters
+        self.pending_counts: dict[tuple, int] = {}
+        self.flusher: threading.Thread | None = None
+
+    def observe(self, model: str, version: str, endpoint: str, status: int, seconds: float) -> None:
+        key = (model, version, endpoint, status)
+        with self.lock:
+            tally = self.pending.get(key)
+            if tally is None:
+                tally = self.pending[key] = [0, 0.0, [0] * (len(BUCKETS) + 1)]
+            tally[0] += 1
+            tally[1] += seconds
+            # Prometheus buckets are "le": the first bound >= seconds.
+            tally[2][bisect_left(BUCKETS, seconds)] += 1
+
+    def cache_lookup(self, level: str, model: str, hit: bool, n: int = 1) -> None:
+        if n:
+            key = (self.cache_lookups, (level, model, "hit" if hit else "miss"))
+            with self.lock:
+                self.pending_counts[key] = self.pending_counts.get(key, 0) + n
+
+    def observe_l2(self, seconds: float) -> None:
+        self.l2_latency.observe(seconds)
+
+    def breaker_changed(self, state: int, name: str) -> None:
+        self.breaker_state.set(state)
+        self.breaker_transitions.labels(name).inc()
+
+    def flush(self) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, {}
+            counts, self.pending_counts = self.pending_counts, {}
+        for (counter, labels), n in counts.items():
+            counter.labels(*labels).inc(n)
+        for (model, version, endpoint, status), (count, seconds, buckets) in pending.items():
+            self.requests.labels(model, version, endpoint, str(status)).inc(count)
+            histogram = self.latency.labels(model, version, endpoint)
+            # NOTE: prometheus_client has no observe-many; these are the
+            # values Histogram.observe() itself increments.
+            histogram._sum.inc(seconds)
+            for i, n in enumerate(buckets):
+                if n:
+                    histogram._buckets[i].inc(n)
+
+    def start_flushing(self, interval: float = FLUSH_SECONDS) -> None:
+        """Flush from a daemon thread in this process (call once per worker, after fork)."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(interval):
+                self.flush()
+
+        self.flusher = threading.Thread(target=loop, name="metrics-flush", daemon=True)
+        self.flusher.start()
+
+    def swapped(self, results: list[tuple[str, str, str]]) -> None:
+        for model, result, _ in results:
+            self.swaps.labels(model, result).inc()
+
+    def shadow_compared(self, primary, shadow, agreed: list[bool], diffs: list[float] | None) -> None:
+        labels = (primary.name, str(primary.version), str(shadow.version))
+        agree = sum(agreed)
+        if agree:
+            self.shadow_comparisons.labels(*labels, "agree").inc(agree)
+        if len(agreed) - agree:
+            self.shadow_comparisons.labels(*labels, "disagree").inc(len(agreed) - agree)
+        for diff in diffs or ():
+            self.shadow_diff.labels(*labels).observe(diff)
+
+    def shadow_error(self, primary, shadow) -> None:
+        self.shadow_comparisons.labels(primary.name, str(primary.version), str(shadow.version), "error").inc()
+
+    def set_serving(self, serving: dict) -> None:
+        self.models_loaded.set(len(serving))
+        for name, model in serving.items():
+            self.serving_version.labels(name).set(model.version)
+
+    def render(self) -> bytes:
+        self.flush()
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)

@@ -1,0 +1,130 @@
+"""The serving plan: which models a server serves, and what should serve for each.
+
+config/models.yaml may list the models to serve, each with what it pins
+(version, split, shadow); with no list, every model in the repository serves.
+Where models.yaml pins nothing, the model's serving.json in the repository
+decides (publish, promote, rollback and the admin API write it), else the
+newest version serves.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from app.errors import Conflict, ModelNotFound
+from app.repository import ModelRepository, is_valid_name
+from app.routing import parse_weights
+from app.settings import SettingError
+
+OPTIONS = ("version", "split", "shadow")
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """One model's entry in models.yaml: what it pins (None: not pinned)."""
+    version: int | None = None
+    split: dict[int, float] | None = None
+    shadow: int | None = None
+
+
+@dataclass
+class Target:
+    """What should serve for one model, after serving.json and models.yaml."""
+    version: int | None
+    split: dict[int, float] = field(default_factory=dict)
+    shadow: int | None = None
+    previous: int | None = None
+    on_disk: list[int] = field(default_factory=list)  # all kept loaded, so requests may pin any
+
+    def versions(self) -> set[int]:
+        """Every version that must be loaded."""
+        return {v for v in (self.version, self.shadow, self.previous, *self.split, *self.on_disk) if v}
+
+
+@dataclass(frozen=True)
+class ServingPlan:
+    listed: dict[str, ModelPlan] | None = None  # None: every model in the repository
+    path: Path | None = None
+
+    def names(self, repository: ModelRepository) -> list[str]:
+        return list(self.listed) if self.listed is not None else repository.names()
+
+    def get(self, name: str) -> ModelPlan:
+        return (self.listed or {}).get(name) or ModelPlan()
+
+    def allow(self, name: str, action: str) -> None:
+        """Conflict when the change would be recorded but never served: the
+        model is not in the list, or models.yaml pins what action changes."""
+        where = self.path or "models.yaml"
+        if self.listed is not None and name not in self.listed:
+            raise Conflict(f"{name} is not listed in {where}, which names the models this server serves "
+                           f"({', '.join(self.listed) or 'none'}); add '{name}: {{}}' under models: there, "
+                           "or remove the list to serve every model in the repository")
+        plan = self.get(name)
+        pinned = {"promote": plan.version, "rollback": plan.version, "split": plan.split,
+                  "shadow": plan.shadow}.get(action)
+        if pinned is not None:
+            what = "version" if action in ("promote", "rollback") else action
+            raise Conflict(f"{name}'s {what} is pinned in {where}; change it there")
+
+    def target(self, name: str, repository: ModelRepository) -> Target:
+        on_disk = repository.versions(name)
+        if not on_disk:
+            raise ModelNotFound("no versions in the repository")
+        state = repository.serving_state(name) or {}
+        plan = self.get(name)
+        # What models.yaml sets is pinned; the repository decides the rest.
+        split = plan.split if plan.split is not None else parse_weights(state["split"]) if state.get("split") else {}
+        shadow = plan.shadow or state.get("shadow")
+        version = plan.version or state.get("version") or on_disk[-1]
+        previous = state.get("previous")
+        return Target(version, {v: w for v, w in split.items() if v in on_disk},
+                      shadow if shadow in on_disk else None, previous if previous in on_disk else None,
+                      on_disk)
+
+
+def read_plan(path: Path | None) -> ServingPlan:
+    """The plan in models.yaml; no file, or no models listed: every model.
+    SettingError names the file, the entry and what is allowed."""
+    if path is None or not path.is_file():
+        return ServingPlan(None, path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SettingError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingError(f"{path}: cannot be read ({exc})") from None
+    if data is not None and not isinstance(data, dict):
+        raise SettingError(f"{path}: expected a mapping with a models: entry, got {type(data).__name__}")
+    listed = (data or {}).get("models")
+    if not listed:
+        return ServingPlan(None, path)
+    if not isinstance(listed, dict):
+        raise SettingError(f"{path}: models: expected a mapping of model name to options")
+    return ServingPlan({name: plan_of(path, name, options) for name, options in listed.items()}, path)
+
+
+def plan_of(path: Path, name, options) -> ModelPlan:
+    if not is_valid_name(name):
+        raise SettingError(f"{path}: models.{name}: names match [a-z0-9][a-z0-9_-]{{0,63}}")
+    if options is not None and not isinstance(options, dict):
+        raise SettingError(f"{path}: models.{name}={options!r}: expected a mapping such as {{version: 2}} or {{}}")
+    options = options or {}
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise SettingError(f"{path}: models.{name}.{unknown[0]}: unknown option; allowed: {', '.join(OPTIONS)}")
+    for key in ("version", "shadow"):
+        value = options.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise SettingError(f"{path}: models.{name}.{key}={value!r}: expected a positive integer")
+    split = None
+    if options.get("split") is not None:
+        try:
+            split = parse_weights(options["split"])
+        except ValueError as exc:
+            raise SettingError(f"{path}: models.{name}.split: {exc}") from None
+    return ModelPlan(options.get("version"), split, options.get("shadow"))

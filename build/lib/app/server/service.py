@@ -1,0 +1,106 @@
+"""The composition root: one server's parts, built from settings.
+
+build_service() is called once, in the Gunicorn master (app/server/wsgi.py),
+so every model is loaded once and shared copy-on-write with the forked
+workers. Nothing here runs at import.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import falcon
+import pybreaker
+
+from app.cache import LRU, BreakerMetrics, Generations, PredictionCache, RedisStore
+from app.control import ControlChannel
+from app.http.app import Drain, create_app
+from app.lifecycle import Lifecycle
+from app.metrics import Metrics
+from app.plan import read_plan
+from app.registry import Registry
+from app.reload import ReloadTrigger
+from app.repository import ModelRepository
+from app.settings import Settings
+from app.shadow import ShadowScorer
+
+log = logging.getLogger("mlserve")
+
+
+@dataclass
+class Service:
+    settings: Settings
+    registry: Registry
+    metrics: Metrics
+    cache: PredictionCache | None
+    control: ControlChannel
+    reloads: ReloadTrigger
+    drain: Drain
+    app: falcon.App
+
+    def reload(self) -> None:
+        """In the master, on SIGHUP: apply repository and config changes before
+        Gunicorn forks the new workers."""
+        started = time.time()
+        results = self.registry.refresh()
+        self.metrics.swapped(results)
+        for model, result, detail in results:
+            if result != "unchanged":
+                log.info("reload %s: %s (%s)", model, result, detail)
+        log.info("reloaded in %.2f s", time.time() - started)
+
+    def on_worker_start(self) -> None:
+        """In each worker, after fork: what owns a thread or a socket starts here."""
+        self.metrics.set_serving(self.registry.serving())
+        self.metrics.start_flushing()
+        self.control.start()
+
+
+def build_service(settings: Settings, signal_master: Callable[[], None], runtime_dir: Path) -> Service:
+    """Load the models and assemble the app. signal_master asks this host's
+    master to reload; runtime_dir holds what the host's processes share."""
+    started = time.time()
+    repository = ModelRepository(Path(settings.models.directory))
+    plan = functools.partial(read_plan, Path(settings.models.config))
+    registry = Registry(repository, plan, settings.models.verify_tolerance, settings.models.reconvert)
+    registry.refresh()
+    metrics = Metrics()
+    cache = build_cache(settings, metrics)
+    control = ControlChannel(settings.redis.url, settings.redis.connect_timeout * 10)
+    if cache is not None:
+        control.on("invalidate", lambda message: cache.invalidate_local(message.get("model")))
+    # Made in the master, so every worker of this host shares them.
+    reloads = ReloadTrigger(control, f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}",
+                            runtime_dir / "claims", signal_master)
+    control.on("reload", reloads.on_message)
+    drain = Drain()
+    app = create_app(settings, registry, metrics, started, cache=cache, control=control,
+                     lifecycle=Lifecycle(repository, settings.models.verify_tolerance, plan), reloads=reloads,
+                     shadow=ShadowScorer(metrics), drain=drain)
+    log.info("loaded %d of %d models in %.2f s", len(registry.serving()), len(registry.models),
+             time.time() - started)
+    return Service(settings, registry, metrics, cache, control, reloads, drain, app)
+
+
+def build_cache(settings: Settings, metrics: Metrics) -> PredictionCache | None:
+    options = settings.cache
+    if not options.enabled:
+        return None
+    l1 = LRU(options.l1_max_entries, options.l1_max_bytes, options.l1_ttl) if options.l1_max_entries else None
+    l2 = None
+    if settings.redis.url and options.l2_enabled:
+        breaker = pybreaker.CircuitBreaker(fail_max=options.breaker_failures, reset_timeout=options.breaker_reset,
+                                           listeners=[BreakerMetrics(metrics)], name="redis")
+        redis = settings.redis
+        l2 = RedisStore(redis.url, redis.cache_ttl, redis.connect_timeout, redis.socket_timeout,
+                        redis.pool_size, breaker, metrics)
+    if l1 is None and l2 is None:
+        return None
+    return PredictionCache(l1, l2, Generations(), metrics)
