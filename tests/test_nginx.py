@@ -169,7 +169,7 @@ def test_a_rolling_restart_behind_nginx_fails_no_request(cluster):
             restarted = cluster.restart(i)
             # Ready is not enough: nginx left the instance out for a while after it
             # refused connections. The next one stops only once this one takes traffic.
-            wait_for(lambda: predictions_served(restarted) >= 20, 30,
+            wait_for(lambda instance=restarted: predictions_served(instance) >= 20, 30,
                      f"nginx sent instance {i} no traffic after its restart")
         keep_loading_until(load, started)
     finally:
