@@ -36,6 +36,9 @@ def add_commands(models, add_url) -> None:
     publish.add_argument("--features", help="comma-separated feature names (default: the current version's)")
     publish.add_argument("--task", choices=TASKS, help="for a bare .onnx (default: read from its outputs)")
     publish.add_argument("--classes", help="comma-separated class labels for a bare .onnx classifier")
+    publish.add_argument("--reference", type=Path, metavar="DATA.csv",
+                         help="rows like the training data (a header naming the features), the drift reference; "
+                              "without it the version takes the first rows it serves")
     publish.add_argument("--promote", action="store_true", help="serve it at once")
     publish.add_argument("--reason", default="")
     publish.set_defaults(run=cmd_publish)
@@ -98,7 +101,8 @@ def cmd_publish(args, ctx: Context) -> int:
     features = [f.strip() for f in args.features.split(",")] if args.features else None
     classes = [as_label(c) for c in args.classes.split(",")] if args.classes else None
     lifecycle = ctx.lifecycle
-    mv = ctx.publisher.publish(args.path, args.name, features, args.task, classes, reason=args.reason)
+    mv = ctx.publisher.publish(args.path, args.name, features, args.task, classes, reason=args.reason,
+                               reference=args.reference)
     runtime = mv.metadata.get("serving_runtime")
     state = lifecycle.serving_state(args.name)
     if args.promote and state.get("version") != mv.version:
