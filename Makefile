@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := iris_classifier binary_classifier diabetes_regressor wine_clusters
-SYSTEM_PACKAGES := redis-server wrk nginx
+SYSTEM_PACKAGES := redis-server wrk nginx prometheus prometheus-alertmanager
 
 # ruff: pyflakes, pycodestyle, bugbear, and no function more complex than 15.
 RUFF := --select E,F,W,C901,B --ignore B905 --line-length 140 --target-version py311 \

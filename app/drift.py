@@ -228,6 +228,29 @@ def compare(reference: Reference, counts: np.ndarray, rows: int, limits: Thresho
     return {"status": worst if enough else "insufficient_data", "features": features, "prediction": prediction}
 
 
+def offline_report(metadata: dict, rows: list, predictions: list, limits: Thresholds, baseline_rows: int) -> dict:
+    """The same comparison over rows read back from a prediction log (in feature
+    order), against the version's stored reference, else its first baseline_rows rows."""
+    schema = Schema(list(metadata.get("feature_names") or []), metadata.get("task") or "classification",
+                    metadata.get("classes"))
+    width = len(schema.feature_names)
+    if not all(type(r) is list and len(r) == width for r in rows):
+        raise ValueError(f"every logged row must hold the version's {width} features")
+    X = np.array(rows, dtype=np.float32).reshape(-1, width)
+    reference = reference_of(metadata, schema)
+    if reference is None:
+        if len(X) <= baseline_rows:
+            raise ValueError(f"no stored reference, and the log has {len(X)} rows: more than drift.baseline_rows "
+                             f"({baseline_rows}) are needed, the first of them becoming the reference")
+        stored = build_reference(X[:baseline_rows], predictions[:baseline_rows], schema, "served",
+                                 f"the first {baseline_rows} rows of the log")
+        reference = Reference.from_stored(stored, schema)
+        X, predictions = X[baseline_rows:], predictions[baseline_rows:]
+    counts = reference.counts(X, predictions) if len(X) else np.zeros(width * FEATURE_BINS + PREDICTION_BINS, np.int64)
+    return {"reference": {"kind": reference.kind, "source": reference.source, "rows": reference.rows},
+            "window": {"rows": len(X)}, **compare(reference, counts, len(X), limits)}
+
+
 # --- shared counting -------------------------------------------------------------
 
 NUMPY_TYPES = {ctypes.c_int64: np.int64, ctypes.c_double: np.float64}
