@@ -20,6 +20,7 @@ between threads (it switches threads only at calls and backward jumps).
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
@@ -164,7 +165,8 @@ class PredictionLog:
             self.count_drift(items, fragments)
         logged = [item for item in items if item[2]]
         if self.record_sinks and logged:
-            lines = [orjson.dumps(r) for item in logged for r in records(item, fragments.get(id(item)))]
+            worker = os.getpid()
+            lines = [orjson.dumps(r) for item in logged for r in records(item, fragments.get(id(item)), worker)]
             blob = b"\n".join(lines) + b"\n"
             for sink in self.record_sinks:
                 sink.offer(blob, len(lines), len(blob))
@@ -212,10 +214,10 @@ def shadow_of(state, model, pinned: bool) -> int | None:
     return shadow.version if shadow is not None and not pinned and shadow is not model else None
 
 
-def records(item: tuple, fragment: dict | None) -> list[dict]:
+def records(item: tuple, fragment: dict | None, worker: int = 0) -> list[dict]:
     """The JSON Lines records of one queue entry: one per row."""
     kind, _, _, t, request_id, endpoint = item[:6]
-    common = {"time": utc_at(t), "request_id": request_id, "endpoint": endpoint}
+    common = {"time": utc_at(t), "request_id": request_id, "worker": worker, "endpoint": endpoint}
     if kind == FAILED:
         name, version, features, status, code, message, latency = item[6:13]
         return [{**common, "model": name, "version": version, "route": None, "shadow": None, "row": None,

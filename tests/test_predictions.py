@@ -4,7 +4,6 @@ slow, down or rotating (the file sink for real, on disk; the HTTP sink
 against a local receiver)."""
 from __future__ import annotations
 
-import http.server
 import json
 import threading
 import time
@@ -19,6 +18,7 @@ from app.http.app import create_app
 from app.metrics import Metrics
 from app.predictions import PredictionLog
 from app.sinks import CE_REQUEST, CE_RESPONSE, CloudEventSink, FileSink, Sink, SinkFailed
+from tests.monitoring_stack import Receiver
 from tests.test_api import build_registry, make_settings
 from tests.wait import until
 
@@ -223,41 +223,17 @@ def test_the_file_sink_appends_json_lines_and_rotates_by_size(tmp_path):
         assert all(json.loads(x) == {"pad": "x" * 80} for x in data.splitlines())
 
 
-class Receiver(http.server.ThreadingHTTPServer):
-    """Records every POST: headers and body."""
-
-    def __init__(self):
-        self.posts: list[tuple[dict, bytes]] = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                outer.posts.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                self.send_response(202)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-        super().__init__(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/"
-
-
 @pytest.mark.server
 def test_the_http_sink_sends_kserve_cloudevents_in_binary_mode(registry, tmp_path):
     receiver = Receiver()
     try:
-        client, log, _ = served(registry, tmp_path, [lambda m: CloudEventSink(receiver.url, 2.0, 1 << 20, m)])
+        client, log, _ = served(registry, tmp_path, [lambda m: CloudEventSink(receiver.url + "/ce", 2.0, 1 << 20, m)])
         answer = predict(client, SETOSA, headers={"X-Request-ID": "ce-7"})
         refused = predict(client, [1])
         assert log.flush(10)
     finally:
-        receiver.shutdown()
-    (req_h, req_b), (resp_h, resp_b), (bad_req_h, _), (bad_resp_h, bad_resp_b) = receiver.posts
+        receiver.stop()
+    (_, req_h, req_b), (_, resp_h, resp_b), (_, bad_req_h, _), (_, bad_resp_h, bad_resp_b) = receiver.posts
     assert (req_h["ce-type"], resp_h["ce-type"]) == (CE_REQUEST, CE_RESPONSE)
     assert req_h["ce-id"] == resp_h["ce-id"] == "ce-7" and req_h["ce-specversion"] == "1.0"
     assert req_h["content-type"] == "application/json" and req_h["ce-inferenceservicename"] == "iris_classifier"
