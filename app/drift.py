@@ -68,13 +68,18 @@ def decile_edges(values) -> list[float]:
     sees), duplicates collapsed."""
     q = np.quantile(np.asarray(values, dtype=np.float64), DECILES)
     # The shortest decimal that is the same float32 (1.4, not 1.399999976158142).
-    return [float(np.format_float_positional(e, unique=True)) for e in np.unique(q.astype(np.float32))]
+    return readable(np.unique(q.astype(np.float32)))
 
 
 def bin_index(edges, values) -> np.ndarray:
     """Bin of each value: bin i holds edges[i-1] < v <= edges[i]; bin 0 is
     (-inf, edges[0]], the last (edges[-1], +inf). Compared as float32."""
     return np.searchsorted(np.asarray(edges, dtype=np.float32), np.asarray(values, dtype=np.float32), side="left")
+
+
+def readable(edges: np.ndarray) -> list[float]:
+    """float32 edges as the shortest decimals that are the same float32."""
+    return [float(np.format_float_positional(e, unique=True)) for e in np.asarray(edges, dtype=np.float32)]
 
 
 def fractions(counts) -> list[float]:
@@ -213,7 +218,7 @@ def compare(reference: Reference, counts: np.ndarray, rows: int, limits: Thresho
         actual = counts[j * FEATURE_BINS:j * FEATURE_BINS + len(reference.expected[j])]
         value = psi(actual, reference.expected[j], limits.epsilon) if enough else None
         features.append({"feature": name, "psi": value, "status": status_of(value, limits.warn, limits.drift),
-                         "rows": rows, "reference": reference.kind, "edges": reference.edges[j].tolist(),
+                         "rows": rows, "reference": reference.kind, "edges": readable(reference.edges[j]),
                          "reference_fractions": reference.expected[j].tolist(), "current_fractions": fractions(actual)})
     start = len(reference.feature_names) * FEATURE_BINS
     actual = counts[start:start + reference.prediction_bins]
@@ -221,7 +226,7 @@ def compare(reference: Reference, counts: np.ndarray, rows: int, limits: Thresho
     prediction = {"psi": value, "status": status_of(value, limits.warn, limits.drift), "rows": rows,
                   "reference_fractions": reference.prediction_expected.tolist(), "current_fractions": fractions(actual)}
     if reference.prediction_edges is not None:
-        prediction["edges"] = reference.prediction_edges.tolist()
+        prediction["edges"] = readable(reference.prediction_edges)
     else:
         prediction["labels"] = [*reference.prediction_labels, "other"]
     worst = max((f["status"] for f in features), key=("insufficient_data", "ok", "warn", "drift").index)

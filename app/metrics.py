@@ -153,7 +153,8 @@ class Metrics:
     def prediction_log_sinks(self, sinks: list[str]) -> None:
         """Show every sink's counters from the start (at 0), so rates and alerts see them."""
         for sink in sinks:
-            self.log_written.labels(sink)
+            if sink != "drift":
+                self.log_written.labels(sink)
             for reason in ("queue_full", "sink_behind", "sink_error") if sink != "drift" else ("queue_full", "no_lane"):
                 self.log_dropped.labels(sink, reason)
 

@@ -136,8 +136,8 @@ class RateLimiting:
 
 @dataclass(frozen=True)
 class PredictionLog:
-    sample_rate: float = setting(1.0, "Share of predictions recorded when a sink is set (errors are always recorded).",
-                                 between(0, 1))
+    sample_rate: float = setting(1.0, "Share of requests whose predictions the sinks record (errors are always "
+                                      "recorded; drift counts every row).", between(0, 1))
     file: str = setting("", "JSON Lines file every worker appends records to (empty: no file sink).")
     file_max_bytes: int = setting(100 << 20, "Size at which the file is rotated to FILE.1, FILE.2, ...", at_least(4096))
     file_backups: int = setting(5, "Rotated files kept.", between(1, 1000))
@@ -149,7 +149,6 @@ class PredictionLog:
                               between(1, 10_000_000))
     sink_buffer_bytes: int = setting(8 << 20, "Most bytes of records waiting for each sink in each worker.",
                                      between(1024, 1 << 34))
-    batch_records: int = setting(500, "Most records a sink is given at once.", between(1, 100_000))
     flush_seconds: float = setting(0.2, "Longest a record waits in a worker before it is handed to its sinks.",
                                    between(0.001, 60))
 

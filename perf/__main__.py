@@ -5,6 +5,7 @@
     python -m perf memory [...]     weights shared across workers: PSS at 1, 2, 4 and 8 workers
     python -m perf mlserver [...]   ours beside Seldon MLServer on the same forest
     python -m perf bigmodels [...]  build the large models the memory benchmark serves
+    python -m perf monitoring [...] the cost of the prediction log and drift on the request path
 
 `python -m perf SUBCOMMAND --help` lists each one's flags.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 COMMANDS = {"run": "perf.bench", "commits": "perf.commits", "memory": "perf.memory",
-            "mlserver": "perf.mlserver", "bigmodels": "perf.bigmodels"}
+            "mlserver": "perf.mlserver", "bigmodels": "perf.bigmodels", "monitoring": "perf.monitoring"}
 
 
 def main(argv: list[str]) -> int:

@@ -147,7 +147,7 @@ def plot(found: dict, path: Path) -> None:
         ax.set_title(f"{title}: PSI {number(entry['psi'])} ({entry['status']})", fontsize=10)
         ax.set_ylabel("fraction of rows", fontsize=8)
     axes.flat[0].legend(fontsize=8)
-    figure.suptitle(f"{found['model']} v{found['version']}: drift {found['status']}")
+    figure.suptitle(f"{found['model']} v{found['version']}: {found['status']}")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     pyplot.close(figure)
