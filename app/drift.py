@@ -364,7 +364,7 @@ class VersionDrift:
 
     def baseline_values(self, predictions: list) -> np.ndarray:
         """Predictions as numbers, for the baseline's shared rows."""
-        if self.schema.task == "classification":
+        if self.schema.task == "classification" and self.class_index:
             return np.array([self.class_index.get(p, -1) for p in predictions], dtype=np.float64)
         return np.asarray(predictions, dtype=np.float64)
 
