@@ -4,8 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := iris_classifier binary_classifier diabetes_regressor wine_clusters
-# podman, runc and debootstrap build and run the image (tests/test_image.py).
-SYSTEM_PACKAGES := redis-server wrk nginx podman runc debootstrap
+# podman, runc and debootstrap build and run the image (tests/test_image.py);
+# prometheus (with promtool) and prometheus-alertmanager (with amtool) check
+# the alerts and run the monitoring end to end.
+SYSTEM_PACKAGES := redis-server wrk nginx podman runc debootstrap prometheus prometheus-alertmanager
 # docker-compose validates docker/docker-compose.yml, which needs no engine:
 # installed without the Docker engine it recommends.
 SYSTEM_PACKAGES_NO_RECOMMENDS := docker-compose

@@ -138,6 +138,11 @@ class MLClient:
         """What the server knows of one model: features, classes, task, runtime, versions, status."""
         return self.request("GET", "/api/v1/models/" + quote(model_name, safe=""))
 
+    def drift(self, model_name: str, version: int | None = None) -> dict:
+        """Data drift of a loaded version (the serving one by default): PSI, status and bins per feature."""
+        query = f"?version={int(version)}" if version is not None else ""
+        return self.request("GET", "/api/v1/models/" + quote(model_name, safe="") + "/drift" + query)
+
     def list_models(self) -> list[dict]:
         """Every loaded model, described as by get_model_info."""
         body = self.request("GET", "/api/v1/models")

@@ -17,3 +17,9 @@ def utc_now(precise: bool = True) -> str:
     if not precise:
         return _second[1] + "Z"
     return f"{_second[1]}.{int((now - second) * 1e6):06d}Z"
+
+
+def utc_at(seconds: float) -> str:
+    """A time.time() value in the same format as utc_now(), e.g. for records written later."""
+    whole = int(seconds)
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(whole))}.{int((seconds - whole) * 1e6):06d}Z"

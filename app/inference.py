@@ -1,7 +1,12 @@
 """The protocol-independent inference core: a model resolved from the
 registry, rows validated, answered from the cache or the runtime, mirrored to
 a shadow. predict() and batch_predict() give the v1 response bodies (JSON
-bytes); other protocols call route() and score() and shape their own."""
+bytes); other protocols call route() and score() and shape their own.
+
+Every answer is handed to the prediction log (app/predictions.py) when there
+is one: predict() and score() call it, so a protocol that goes through
+score() is logged too; it passes request_id and endpoint to say which request
+it was."""
 from __future__ import annotations
 
 import difflib
@@ -17,6 +22,7 @@ from app.cache import PredictionCache
 from app.clock import utc_now
 from app.errors import InvalidField, MissingField
 from app.loader import LoadedModel
+from app.predictions import PredictionLog
 from app.registry import ModelState, Registry
 from app.shadow import ShadowScorer
 
@@ -35,11 +41,13 @@ class Scores(NamedTuple):
 
 class Predictor:
     def __init__(self, registry: Registry, max_batch_rows: int, cache: PredictionCache | None = None,
-                 shadow: ShadowScorer | None = None, allow_unknown_fields: bool = False):
+                 shadow: ShadowScorer | None = None, log: PredictionLog | None = None,
+                 allow_unknown_fields: bool = False):
         self.registry = registry
         self.max_batch_rows = max_batch_rows
         self.cache = cache
         self.shadow = shadow
+        self.log = log if log is not None and log.active else None
         self.allow_unknown_fields = allow_unknown_fields
 
     def route(self, name: str, version: int | None, key: str | None) -> tuple[ModelState, LoadedModel]:
@@ -56,19 +64,26 @@ class Predictor:
         return use_cache and self.cache is not None and model.cacheable
 
     def score(self, state: ModelState, model: LoadedModel, X: np.ndarray, use_cache: bool,
-              pinned: bool) -> Scores:
-        """Rows X (validated, float32) through the cache and the runtime; mirrored to the shadow."""
+              pinned: bool, *, request_id: str | None = None, endpoint: str = "score",
+              started: float | None = None, sent: list | None = None) -> Scores:
+        """Rows X (validated, float32) through the cache and the runtime; mirrored to the shadow;
+        recorded in the prediction log as request request_id to endpoint, with the rows as sent."""
+        began = started if started is not None or self.log is None else time.perf_counter()
+        levels = None
         if self.caches(model, use_cache):
-            scores = self.through_cache(model, X)
+            scores, levels = self.through_cache(model, X)
         else:
             out = model.runtime.run(X)
             probabilities = out.probabilities.tolist() if out.probabilities is not None else None
             scores = Scores(out.labels.tolist(), probabilities, {"l1": 0, "l2": 0})
         if state.shadow is not None:
             self.mirror(state, model, pinned, X, scores.labels)
+        if self.log is not None:
+            self.log.scored(request_id, endpoint, state, model, pinned, X, sent, scores, levels,
+                            (time.perf_counter() - began) * 1000.0)
         return scores
 
-    def through_cache(self, model: LoadedModel, X: np.ndarray) -> Scores:
+    def through_cache(self, model: LoadedModel, X: np.ndarray) -> tuple[Scores, list]:
         """Rows found in L1/L2 are reused; the rest run in one call and are written back together."""
         keys = self.cache.keys(model, X)
         found = self.cache.get_many(model, keys)
@@ -88,13 +103,15 @@ class Predictor:
                 rows[i] = orjson.loads(value)
                 hits[level] += 1
         labels = [row["prediction"] for row in rows]
+        levels = [level for level, _ in found]
         if model.class_keys is None:
-            return Scores(labels, None, hits)
-        return Scores(labels, [list(row["probabilities"].values()) for row in rows], hits)
+            return Scores(labels, None, hits), levels
+        return Scores(labels, [list(row["probabilities"].values()) for row in rows], hits), levels
 
     # --- the v1 API --------------------------------------------------------
 
-    def predict(self, body: dict, started: float, routing_key: str | None = None) -> tuple[LoadedModel, bytes]:
+    def predict(self, body: dict, started: float, routing_key: str | None = None,
+                request_id: str | None = None) -> tuple[LoadedModel, bytes]:
         if not (body.keys() <= PREDICT_FIELDS or self.allow_unknown_fields):
             raise unknown_field(body, PREDICT_FIELDS, "predict")
         state, model = self.route(*v1_route(body, routing_key))
@@ -116,18 +133,24 @@ class Predictor:
             self.mirror(state, model, "version" in body, row, [orjson.loads(scored)["prediction"]])
         # PERF: one bytes format: the scored object (less its closing brace),
         # the model's fixed fields, then what changes per request.
-        return model, b'%s%s%s","from_cache":%s,"latency_ms":%.4f}' % (
-            scored[:-1], response_head(model), utc_now().encode(), CACHE_LEVELS[level],
-            (time.perf_counter() - started) * 1000.0)
+        latency = (time.perf_counter() - started) * 1000.0
+        data = b'%s%s%s","from_cache":%s,"latency_ms":%.4f}' % (
+            scored[:-1], response_head(model), utc_now().encode(), CACHE_LEVELS[level], latency)
+        if self.log is not None:
+            self.log.predicted(request_id, "predict", state, model, "version" in body, row, scored, level, latency, data)
+        return model, data
 
-    def batch_predict(self, body: dict, started: float, routing_key: str | None = None) -> tuple[LoadedModel, bytes]:
+    def batch_predict(self, body: dict, started: float, routing_key: str | None = None,
+                      request_id: str | None = None) -> tuple[LoadedModel, bytes]:
         if not (body.keys() <= BATCH_FIELDS or self.allow_unknown_fields):
             raise unknown_field(body, BATCH_FIELDS, "batch_predict")
         state, model = self.route(*v1_route(body, routing_key))
         if "features_batch" not in body:
             raise MissingField("features_batch is required")
-        X = features.batch(model, body["features_batch"], self.max_batch_rows)
-        scores = self.score(state, model, X, v1_use_cache(body), "version" in body)
+        sent = body["features_batch"]
+        X = features.batch(model, sent, self.max_batch_rows)
+        scores = self.score(state, model, X, v1_use_cache(body), "version" in body, request_id=request_id,
+                            endpoint="batch_predict", started=started, sent=sent)
         return model, orjson.dumps({
             "predictions": scores.labels,
             "probabilities": scores.probabilities,

@@ -50,6 +50,19 @@ class Metrics:
         self.shadow_diff = Histogram("mlserve_shadow_abs_diff", "Absolute difference of shadow and primary (regression).",
                                      ["model", "primary", "shadow"], registry=self.registry,
                                      buckets=(1e-6, 1e-4, 1e-3, 0.01, 0.1, 1.0, 10.0, 100.0))
+        self.model_ready = Gauge("mlserve_model_ready", "1 when a configured model is serving, else 0.",
+                                 ["model"], multiprocess_mode="livemax", registry=self.registry)
+        self.worker_deaths = Counter("mlserve_worker_unexpected_exits", "Workers that exited without being "
+                                     "retired (killed, crashed, timed out); the master replaces them.",
+                                     registry=self.registry)
+        self.log_written = Counter("mlserve_prediction_log_records", "Prediction records written, by sink "
+                                   "(for the http sink: request and response event pairs).", ["sink"],
+                                   registry=self.registry)
+        self.log_dropped = Counter("mlserve_prediction_log_dropped", "Prediction records not written, by sink "
+                                   "and reason (queue_full, sink_behind, sink_error, no_lane).", ["sink", "reason"],
+                                   registry=self.registry)
+        # Computed at scrape time from what every worker shares (drift PSI).
+        self.collectors: list = []
         self.lock = threading.Lock()
         # (model, version, endpoint, status) -> [count, seconds, per-bucket counts]
         self.pending: dict[tuple, list] = {}
@@ -130,10 +143,38 @@ class Metrics:
         for name, model in serving.items():
             self.serving_version.labels(name).set(model.version)
 
+    def set_ready(self, configured: list[str], serving: dict) -> None:
+        for name in configured:
+            self.model_ready.labels(name).set(1 if name in serving else 0)
+
+    def worker_died(self) -> None:
+        self.worker_deaths.inc()
+
+    def prediction_log_sinks(self, sinks: list[str]) -> None:
+        """Show every sink's counters from the start (at 0), so rates and alerts see them."""
+        for sink in sinks:
+            if sink != "drift":
+                self.log_written.labels(sink)
+            for reason in ("queue_full", "sink_behind", "sink_error") if sink != "drift" else ("queue_full", "no_lane"):
+                self.log_dropped.labels(sink, reason)
+
+    def prediction_log_written(self, sink: str, n: int) -> None:
+        self.log_written.labels(sink).inc(n)
+
+    def prediction_log_dropped(self, sink: str, reason: str, n: int) -> None:
+        self.log_dropped.labels(sink, reason).inc(n)
+
+    def add_collector(self, collector) -> None:
+        """A collector whose values every worker computes alike (from shared memory): one value per host."""
+        self.collectors.append(collector)
+        self.registry.register(collector)
+
     def render(self) -> bytes:
         self.flush()
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
+            for collector in self.collectors:
+                registry.register(collector)
             return generate_latest(registry)
         return generate_latest(self.registry)

@@ -14,12 +14,13 @@ import numpy as np
 
 from app.clock import utc_now
 from app.conversion import algorithm_of, convert_and_verify
-from app.errors import InvalidModel, ModelRefused
+from app.drift import Schema, build_reference
+from app.errors import InvalidData, InvalidModel, ModelRefused
 from app.features import width_change
 from app.lifecycle import Lifecycle
 from app.loader import load, task_of
 from app.repository import ModelRepository, ModelVersion, check_name, sha256_of
-from app.runtimes import open_session, signature
+from app.runtimes import OnnxRuntime, SklearnRuntime, open_session, signature
 
 REFERENCE_ROWS = 64
 Check = Callable[[ModelVersion], None]
@@ -33,10 +34,12 @@ def silent(step: str) -> None:
 def publish_estimator(repository: ModelRepository, name: str, estimator, X: np.ndarray,
                       feature_names: list[str], metrics: dict, tolerance: float = 1e-5,
                       extra: dict | None = None, check: Check | None = None, by: str = "", reason: str = "",
-                      stats: dict | None = None, progress: Progress = silent) -> ModelVersion:
+                      stats: dict | None = None, reference: dict | None = None, training: bool = True,
+                      progress: Progress = silent) -> ModelVersion:
     """Save a fitted estimator as the next version of name, with its ONNX
     conversion when verified equivalent on a reference sample of X. check, if
-    given, may refuse the staged version before it is added."""
+    given, may refuse the staged version before it is added. The drift
+    reference is `reference` if given, else X's when X is the training data."""
     task = task_of(estimator)
     rng = np.random.default_rng(0)
     sample = X[rng.choice(len(X), size=min(REFERENCE_ROWS, len(X)), replace=False)].astype(np.float32)
@@ -65,11 +68,46 @@ def publish_estimator(repository: ModelRepository, name: str, estimator, X: np.n
             "reference_sample": sample.tolist(),
             **(extra or {}),
         }
+        if reference is None and training:
+            try:
+                labels = SklearnRuntime(estimator, task).run(X).labels.tolist()
+            except ValueError as exc:  # an estimator that cannot answer new rows (a non-euclidean DBSCAN)
+                raise ModelRefused(f"{name} refused: {exc}") from None
+            reference = build_reference(X, labels, Schema(feature_names, task, classes), "training",
+                                        (extra or {}).get("training_data"))
+        if reference is not None:
+            metadata["drift_reference"] = reference
         if graph is not None:
             files["model.onnx"] = Path(tmp) / "model.onnx"
             files["model.onnx"].write_bytes(graph)
             metadata.update(onnx_artifact="model.onnx", onnx_sha256=sha256_of(files["model.onnx"]))
         return repository.add_version(name, files, metadata, check=check, by=by, reason=reason)
+
+
+def read_reference(path: Path, feature_names: list[str]) -> np.ndarray:
+    """Rows of a CSV whose header names every feature (other columns are ignored), in feature order."""
+    import csv
+
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except OSError as exc:
+        raise InvalidData(f"{path}: {exc.strerror or exc}") from None
+    if len(rows) < 2:
+        raise InvalidData(f"{path}: a reference needs a header and at least one row")
+    header = [h.strip() for h in rows[0]]
+    missing = [n for n in feature_names if n not in header]
+    if missing:
+        raise InvalidData(f"{path}: the header must name every feature ({', '.join(feature_names)}); "
+                          f"missing {', '.join(missing)}")
+    columns = [header.index(n) for n in feature_names]
+    try:
+        X = np.array([[float(row[c]) for c in columns] for row in rows[1:] if row], dtype=np.float64)
+    except (ValueError, IndexError) as exc:
+        raise InvalidData(f"{path}: reference values must be numbers ({exc})") from None
+    if not np.isfinite(X).all():
+        raise InvalidData(f"{path}: reference values must be finite")
+    return X
 
 
 def reference_stats(X: np.ndarray, feature_names: list[str]) -> dict:
@@ -89,9 +127,12 @@ class Publisher:
         self.tolerance = lifecycle.tolerance
 
     def publish(self, path: Path, name: str, feature_names: list[str] | None = None, task: str | None = None,
-                classes: list | None = None, by: str = "", reason: str = "", progress: Progress = silent) -> ModelVersion:
+                classes: list | None = None, by: str = "", reason: str = "",
+                reference: Path | None = None, progress: Progress = silent) -> ModelVersion:
         """Copy an artifact into the repository as the next version of name.
-        ModelRefused (or Conflict, when no server would serve it) says why not."""
+        ModelRefused (or Conflict, when no server would serve it) says why not.
+        reference: a CSV of data like the training data, for drift (else the
+        version learns its reference from the first rows it serves)."""
         self.lifecycle.allow(check_name(name), "publish")
         path = Path(path)
         if not path.is_file():
@@ -101,12 +142,20 @@ class Publisher:
         if suffix == ".onnx":
             progress(f"loading {path}")
             files, metadata = self.onnx_version(path, current, feature_names, task, classes)
+            if reference is not None:
+                progress(f"reading the drift reference {reference}")
+                X = read_reference(reference, metadata["feature_names"])
+                runtime = OnnxRuntime(str(path), metadata["task"], metadata.get("classes"))
+                labels = runtime.run(X.astype(np.float32)).labels.tolist()
+                metadata["drift_reference"] = build_reference(
+                    X, labels, Schema(metadata["feature_names"], metadata["task"], metadata.get("classes")),
+                    "file", str(reference))
             progress(f"checking it and writing {name}'s next version")
             return self.repository.add_version(name, files, metadata, check=self.check_staged, by=by,
                                                reason=reason)
         if suffix in (".joblib", ".pkl"):
             progress(f"loading {path}")
-            return self.estimator_version(path, name, current, feature_names, by, reason, progress)
+            return self.estimator_version(path, name, current, feature_names, by, reason, reference, progress)
         raise ModelRefused(f"{path}: artifacts are .onnx, .joblib or .pkl")
 
     def check_staged(self, staged: ModelVersion) -> None:
@@ -138,7 +187,7 @@ class Publisher:
         return {"model.onnx": path}, metadata
 
     def estimator_version(self, path: Path, name: str, current: dict | None, feature_names, by: str,
-                          reason: str, progress: Progress) -> ModelVersion:
+                          reason: str, reference: Path | None, progress: Progress) -> ModelVersion:
         # A local file the operator names: trusted like the repository itself.
         # Nothing received over the network is ever unpickled.
         try:
@@ -150,10 +199,20 @@ class Publisher:
             raise ModelRefused(f"{path}: not a fitted scikit-learn estimator (no n_features_in_)")
         metadata = self.common_metadata(path, width, current, feature_names, path.suffix.lstrip("."))
         sample = np.asarray(metadata["reference_sample"], dtype=np.float64)
+        drift = None
+        if reference is not None:
+            names = metadata["feature_names"]
+            X = read_reference(reference, names)
+            task = task_of(estimator)
+            classes = np.asarray(estimator.classes_).tolist() if task == "classification" else None
+            labels = SklearnRuntime(estimator, task).run(X).labels.tolist()
+            drift = build_reference(X, labels, Schema(names, task, classes), "file", str(reference))
+        # The sample is borrowed from the serving version (or synthetic): not training data.
         return publish_estimator(self.repository, name, estimator, sample, metadata["feature_names"],
                                  (current or {}).get("metrics") or {}, self.tolerance,
                                  extra={"published_from": str(path)}, check=self.check_staged, by=by,
-                                 reason=reason, stats=(current or {}).get("reference_stats"), progress=progress)
+                                 reason=reason, stats=(current or {}).get("reference_stats"), reference=drift,
+                                 training=False, progress=progress)
 
     def common_metadata(self, path: Path, width: int, current: dict | None, feature_names, source: str) -> dict:
         serving = (current or {}).get("feature_names") or []

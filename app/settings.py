@@ -41,6 +41,10 @@ def between(low: float, high: float) -> Callable[[Any], str | None]:
     return lambda v: None if low <= v <= high else f"a number from {low} to {high}"
 
 
+def http_url(v: str) -> str | None:
+    return None if v == "" or v.startswith(("http://", "https://")) else "empty (off) or an http:// or https:// URL"
+
+
 def one_of(*choices: str) -> Callable[[Any], str | None]:
     return lambda v: None if v in choices else "one of " + ", ".join(choices)
 
@@ -136,16 +140,43 @@ class RateLimiting:
     burst: int = setting(2000, "Requests a client may make in any one second window before 429.", between(1, 10_000_000))
 
 
-def http_url(v: str) -> str | None:
-    if v == "" or v.startswith(("http://", "https://")):
-        return None
-    return "empty or an http:// or https:// URL"
-
-
 @dataclass(frozen=True)
 class Cli:
     url: str = setting("", "The server mlserve commands talk to (empty: http://server.host:server.port).", http_url)
     api_key: str = setting("", "The key mlserve commands and the client send (Authorization: Bearer).")
+
+
+@dataclass(frozen=True)
+class PredictionLog:
+    sample_rate: float = setting(1.0, "Share of requests whose predictions the sinks record (errors are always "
+                                      "recorded; drift counts every row).", between(0, 1))
+    file: str = setting("", "JSON Lines file every worker appends records to (empty: no file sink).")
+    file_max_bytes: int = setting(100 << 20, "Size at which the file is rotated to FILE.1, FILE.2, ...", at_least(4096))
+    file_backups: int = setting(5, "Rotated files kept.", between(1, 1000))
+    redis_stream: str = setting("", "Redis stream on redis.url that records are added to (empty: no stream sink).")
+    redis_maxlen: int = setting(1_000_000, "Length the stream is trimmed to, approximately (XADD MAXLEN ~).", at_least(1))
+    http_url: str = setting("", "URL that receives CloudEvents in KServe's logger format (empty: no HTTP sink).", http_url)
+    http_timeout: float = setting(1.0, "Seconds to wait for the HTTP sink to answer an event.", between(0.01, 60))
+    queue_rows: int = setting(10_000, "Most rows waiting in each worker's queue; beyond, the oldest are dropped.",
+                              between(1, 10_000_000))
+    sink_buffer_bytes: int = setting(8 << 20, "Most bytes of records waiting for each sink in each worker.",
+                                     between(1024, 1 << 34))
+    flush_seconds: float = setting(0.2, "Longest a record waits in a worker before it is handed to its sinks.",
+                                   between(0.001, 60))
+
+
+@dataclass(frozen=True)
+class Drift:
+    enabled: bool = setting(False, "Count served rows per model version and feature against a reference; export PSI.")
+    window_seconds: float = setting(3600.0, "Served rows older than this leave the drift window.", between(1, 86400 * 30))
+    window_buckets: int = setting(12, "Time buckets the window slides by.", between(1, 1000))
+    window_rows: int = setting(0, "Most rows in the window, newest buckets first (0: no limit).", at_least(0))
+    baseline_rows: int = setting(1000, "Rows served first that become the reference of a version stored without one.",
+                                 between(10, 1_000_000))
+    min_rows: int = setting(100, "Rows the window needs before PSI is reported.", at_least(1))
+    warn_threshold: float = setting(0.1, "PSI from which a feature is warn.", between(0, 100))
+    drift_threshold: float = setting(0.25, "PSI from which a feature is drift.", between(0, 100))
+    epsilon: float = setting(1e-4, "Fraction an empty bin counts as, so PSI stays finite.", between(1e-12, 0.1))
 
 
 @dataclass(frozen=True)
@@ -156,6 +187,8 @@ class Settings:
     models: Models = field(default_factory=Models)
     monitoring: Monitoring = field(default_factory=Monitoring)
     rate_limiting: RateLimiting = field(default_factory=RateLimiting)
+    prediction_log: PredictionLog = field(default_factory=PredictionLog)
+    drift: Drift = field(default_factory=Drift)
     cli: Cli = field(default_factory=Cli)
 
     @property
@@ -168,7 +201,8 @@ class Settings:
 
 
 SECTION_CLASSES = {"server": Server, "redis": Redis, "cache": Cache, "models": Models,
-                   "monitoring": Monitoring, "rate_limiting": RateLimiting, "cli": Cli}
+                   "monitoring": Monitoring, "rate_limiting": RateLimiting, "prediction_log": PredictionLog,
+                   "drift": Drift, "cli": Cli}
 
 # Short environment names for the settings people change most.
 SHORT_FORMS = {

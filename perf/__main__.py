@@ -6,6 +6,7 @@
     python -m perf mlserver [...]   ours beside Seldon MLServer on the same forest
     python -m perf soak [...]       memory under 10 minutes of mixed traffic and swaps stays bounded
     python -m perf bigmodels [...]  build the large models the memory benchmark serves
+    python -m perf monitoring [...] the cost of the prediction log and drift on the request path
 
 `python -m perf SUBCOMMAND --help` lists each one's flags.
 """
@@ -19,7 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 COMMANDS = {"run": "perf.bench", "commits": "perf.commits", "memory": "perf.memory",
-            "mlserver": "perf.mlserver", "soak": "perf.soak", "bigmodels": "perf.bigmodels"}
+            "mlserver": "perf.mlserver", "soak": "perf.soak", "bigmodels": "perf.bigmodels",
+            "monitoring": "perf.monitoring"}
 
 
 def main(argv: list[str]) -> int:

@@ -92,7 +92,7 @@ def composed(tmp_path_factory) -> dict:
 
 
 def test_the_compose_file_is_valid_and_has_every_service(composed):
-    assert set(composed["services"]) == {"server", "redis", "nginx", "prometheus", "grafana"}
+    assert set(composed["services"]) == {"server", "redis", "nginx", "prometheus", "alertmanager", "grafana"}
 
 
 def test_compose_needs_the_secrets_from_an_env_file_and_holds_none(tmp_path):
@@ -130,14 +130,21 @@ def mounts(service: dict) -> dict[str, Path]:
     return found
 
 
-def test_compose_runs_nginx_and_prometheus_with_the_files_the_tests_use(composed):
+def test_compose_runs_nginx_and_the_monitoring_with_the_files_the_tests_use(composed):
     services = composed["services"]
     nginx = mounts(services["nginx"])
     assert nginx["/etc/nginx/templates"] == TEMPLATE.parent.resolve()
     assert nginx["/etc/nginx/mlserve-upstream.conf"] == UPSTREAM.resolve()
     assert services["nginx"]["environment"]["NGINX_PORT"] == "8080"
-    prometheus = mounts(services["prometheus"])["/etc/prometheus/prometheus.yml"]
-    assert prometheus == (ROOT / "config" / "monitoring" / "prometheus.yml").resolve()
+    monitoring = ROOT / "config" / "monitoring"
+    assert mounts(services["prometheus"])["/etc/prometheus"] == monitoring.resolve()
+    prometheus = monitoring / "prometheus.yml"
+    assert yaml.safe_load(prometheus.read_text())["rule_files"] == ["alerts.yml"]
+    alertmanager = mounts(services["alertmanager"])
+    assert alertmanager["/etc/alertmanager/alertmanager.yml"] == (monitoring / "alertmanager.yml").resolve()
+    grafana = mounts(services["grafana"])
+    assert grafana["/etc/grafana/provisioning"] == (monitoring / "grafana" / "provisioning").resolve()
+    assert grafana["/var/lib/grafana/dashboards"] == (monitoring / "grafana" / "dashboards").resolve()
     volumes = [v if isinstance(v, str) else f"{v['source']}:{v['target']}" for v in services["server"]["volumes"]]
     assert any(v.startswith("models:/srv/mlserve/models") for v in volumes)
     # nginx's upstream and Prometheus's targets are the server service on its port.

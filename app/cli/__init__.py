@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from app.cli import models, predict, train
+from app.cli import drift, models, predict, train
 from app.cli.context import Context
 from app.cli.errors import CommandError
 from app.client import MLServeError
@@ -58,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=cmd_serve)
 
     group = sub.add_parser("models", help="the model repository, and what a running server has loaded")
-    models.add_commands(group.add_subparsers(), add_url)
+    verbs = group.add_subparsers()
+    models.add_commands(verbs, add_url)
+    drift.add_model_commands(verbs, add_url, positive_int)
+    drift.add_commands(sub, positive_int)
     predict.add_commands(sub, add_url, positive_int)
     train.add_commands(sub)
     return parser

@@ -37,6 +37,9 @@ def add_commands(models, add_url) -> None:
     publish.add_argument("--features", help="comma-separated feature names (default: the current version's)")
     publish.add_argument("--task", choices=TASKS, help="for a bare .onnx (default: read from its outputs)")
     publish.add_argument("--classes", help="comma-separated class labels for a bare .onnx classifier")
+    publish.add_argument("--reference", type=Path, metavar="DATA.csv",
+                         help="rows like the training data (a header naming the features), the drift reference; "
+                              "without it the version takes the first rows it serves")
     publish.add_argument("--promote", action="store_true", help="serve it at once")
     publish.add_argument("--reason", default="")
     publish.set_defaults(run=cmd_publish)
@@ -105,7 +108,7 @@ def cmd_publish(args, ctx: Context) -> int:
     lifecycle = ctx.lifecycle
     with Steps(sys.stderr) as progress:
         mv = ctx.publisher.publish(args.path, args.name, features, args.task, classes, reason=args.reason,
-                                   progress=progress)
+                                   reference=args.reference, progress=progress)
     runtime = mv.metadata.get("serving_runtime")
     state = lifecycle.serving_state(args.name)
     if args.promote and state.get("version") != mv.version:

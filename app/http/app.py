@@ -8,11 +8,15 @@ import falcon
 
 from app.cache import PredictionCache
 from app.control import ControlChannel
+from app.drift import DriftMonitor
 from app.http import admin, errors, resources
+from app.http.drift import ModelDrift
 from app.http.ratelimit import RateLimit
+from app.http.tracing import RequestTrace
 from app.inference import Predictor
 from app.lifecycle import Lifecycle
 from app.metrics import Metrics
+from app.predictions import PredictionLog
 from app.registry import Registry
 from app.reload import ReloadTrigger
 from app.settings import Settings
@@ -49,9 +53,10 @@ class RequestMetrics:
 def create_app(settings: Settings, registry: Registry, metrics: Metrics, started: float | None = None, *,
                cache: PredictionCache | None = None, control: ControlChannel | None = None,
                lifecycle: Lifecycle | None = None, reloads: ReloadTrigger | None = None,
-               shadow: ShadowScorer | None = None, drain: Drain | None = None) -> falcon.App:
+               shadow: ShadowScorer | None = None, drain: Drain | None = None,
+               predictions: PredictionLog | None = None, drift: DriftMonitor | None = None) -> falcon.App:
     """The WSGI app over the given parts; builds nothing but the app itself."""
-    middleware: list = [RequestMetrics(metrics, drain or Drain())]
+    middleware: list = [RequestTrace(predictions), RequestMetrics(metrics, drain or Drain())]
     if settings.server.cors_origins:
         origins = settings.server.cors_origins
         middleware.append(falcon.CORSMiddleware(
@@ -61,7 +66,7 @@ def create_app(settings: Settings, registry: Registry, metrics: Metrics, started
         middleware.append(RateLimit(limits.requests_per_second, limits.burst, settings.redis.url))
     app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
-    predictor = Predictor(registry, settings.server.max_batch_rows, cache, shadow,
+    predictor = Predictor(registry, settings.server.max_batch_rows, cache, shadow, predictions,
                           settings.server.allow_unknown_fields)
     control = control or ControlChannel("")
     limit = settings.server.max_body_bytes
@@ -69,6 +74,7 @@ def create_app(settings: Settings, registry: Registry, metrics: Metrics, started
     app.add_route("/api/v1/batch_predict", resources.BatchPredict(predictor, limit))
     app.add_route("/api/v1/models", resources.Models(registry))
     app.add_route("/api/v1/models/{name}", resources.Model(registry))
+    app.add_route("/api/v1/models/{name}/drift", ModelDrift(registry, drift))
     app.add_route("/health", resources.Health(registry, started or time.time()))
     app.add_route("/ready", resources.Ready(registry))
     auth = admin.AdminAuth(settings.server.admin_token)

@@ -27,6 +27,9 @@ def error_body(code: str, message: str, details: dict | None = None) -> bytes:
 def handle(req: falcon.Request, resp: falcon.Response, exc: Exception, params) -> None:
     """Falcon error handler for every exception (registered for HANDLED)."""
     status, code, message, details, headers = describe(req, exc)
+    req.context.error = (code, message)  # for the prediction log (app/http/tracing.py)
+    if status < 500:
+        log.debug("%s %s: %d %s (request %s)", req.method, req.path[:200], status, code, request_id(req))
     resp.status = status
     resp.content_type = JSON
     for name, value in headers.items():
@@ -42,8 +45,12 @@ def describe(req: falcon.Request, exc: Exception) -> tuple[int, str, str, dict, 
         return exc.status, exc.code, exc.message, details, headers
     if isinstance(exc, falcon.HTTPError):
         return exc.status_code, code_of(exc.status_code), http_message(req, exc), {}, dict(exc.headers or {})
-    log.exception("unexpected error on %s %s", req.method, req.path)
+    log.exception("unexpected error on %s %s (request %s)", req.method, req.path[:200], request_id(req))
     return 500, "internal_error", "the server failed to handle this request; it has been logged", {}, {}
+
+
+def request_id(req: falcon.Request) -> str:
+    return req.context.get("request_id") or "-"
 
 
 def code_of(status: int) -> str:

@@ -57,15 +57,18 @@ def send(resp: falcon.Response, body, status: int = 200) -> None:
 
 class Predict:
     endpoint = "predict"
+    predicts = True  # its errors go to the prediction log (app/http/tracing.py)
 
     def __init__(self, predictor: Predictor, max_body_bytes: int):
         self.predictor = predictor
         self.limit = max_body_bytes
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        model, resp.data = self.predictor.predict(read_json(req, self.limit), req.context.started,
-                                                  req.get_header("X-Routing-Key"))
-        req.context.model = model
+        context = req.context
+        context.body = body = read_json(req, self.limit)
+        model, resp.data = self.predictor.predict(body, context.started, req.get_header("X-Routing-Key"),
+                                                  context.request_id)
+        context.model = model
         resp.content_type = JSON
 
 
@@ -73,9 +76,11 @@ class BatchPredict(Predict):
     endpoint = "batch_predict"
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        model, resp.data = self.predictor.batch_predict(read_json(req, self.limit), req.context.started,
-                                                        req.get_header("X-Routing-Key"))
-        req.context.model = model
+        context = req.context
+        context.body = body = read_json(req, self.limit)
+        model, resp.data = self.predictor.batch_predict(body, context.started, req.get_header("X-Routing-Key"),
+                                                        context.request_id)
+        context.model = model
         resp.content_type = JSON
 
 

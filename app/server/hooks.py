@@ -90,7 +90,11 @@ def post_worker_init(worker) -> None:
 
 
 def worker_exit(server, worker) -> None:
-    service().metrics.flush()
+    running = service()
+    running.predictions.flush(timeout=2.0)
+    running.metrics.flush()
+    # Tells the master (child_exit) that this worker was retired, not lost.
+    runtime.directory().joinpath(f"exited-{os.getpid()}").touch()
     # Leave without running C-level exit handlers: ONNX Runtime's destroy a
     # condition variable last used by a master thread that does not exist in
     # the forked worker, and would wait on it for ever.
@@ -102,3 +106,8 @@ def child_exit(server, worker) -> None:
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+    retired = runtime.directory() / f"exited-{worker.pid}"
+    if retired.exists():
+        retired.unlink()
+    else:  # killed, crashed or timed out: the master forks a replacement
+        service().metrics.worker_died()

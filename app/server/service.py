@@ -21,15 +21,18 @@ import pybreaker
 
 from app.cache import LRU, BreakerMetrics, Generations, PredictionCache, RedisStore
 from app.control import ControlChannel
+from app.drift import DriftMonitor, Thresholds
 from app.http.app import Drain, create_app
 from app.lifecycle import Lifecycle
 from app.metrics import Metrics
 from app.plan import read_plan
+from app.predictions import PredictionLog
 from app.registry import Registry
 from app.reload import ReloadTrigger
 from app.repository import ModelRepository
-from app.settings import Settings
+from app.settings import SettingError, Settings
 from app.shadow import ShadowScorer
+from app.sinks import CloudEventSink, FileSink, RedisStreamSink, Sink
 
 log = logging.getLogger("mlserve")
 
@@ -44,12 +47,16 @@ class Service:
     reloads: ReloadTrigger
     drain: Drain
     app: falcon.App
+    predictions: PredictionLog
+    drift: DriftMonitor | None
 
     def reload(self) -> None:
         """In the master, on SIGHUP: apply repository and config changes before
         Gunicorn forks the new workers."""
         started = time.time()
         results = self.registry.refresh()
+        if self.drift is not None:
+            self.drift.prepare(loaded_versions(self.registry))
         self.metrics.swapped(results)
         for model, result, detail in results:
             if result != "unchanged":
@@ -59,8 +66,10 @@ class Service:
     def on_worker_start(self) -> None:
         """In each worker, after fork: what owns a thread or a socket starts here."""
         self.metrics.set_serving(self.registry.serving())
+        self.metrics.set_ready(list(self.registry.models), self.registry.serving())
         self.metrics.start_flushing()
         self.control.start()
+        self.predictions.start()
 
 
 def build_service(settings: Settings, signal_master: Callable[[], None], runtime_dir: Path) -> Service:
@@ -73,6 +82,8 @@ def build_service(settings: Settings, signal_master: Callable[[], None], runtime
     registry.refresh()
     metrics = Metrics()
     cache = build_cache(settings, metrics)
+    drift = build_drift(settings, registry, metrics)
+    predictions = build_prediction_log(settings, metrics, cache, drift)
     control = ControlChannel(settings.redis.url, settings.redis.connect_timeout * 10)
     if cache is not None:
         control.on("invalidate", lambda message: cache.invalidate_local(message.get("model")))
@@ -83,10 +94,10 @@ def build_service(settings: Settings, signal_master: Callable[[], None], runtime
     drain = Drain()
     app = create_app(settings, registry, metrics, started, cache=cache, control=control,
                      lifecycle=Lifecycle(repository, settings.models.verify_tolerance, plan), reloads=reloads,
-                     shadow=ShadowScorer(metrics), drain=drain)
+                     shadow=ShadowScorer(metrics), drain=drain, predictions=predictions, drift=drift)
     log.info("loaded %d of %d models in %.2f s", len(registry.serving()), len(registry.models),
              time.time() - started)
-    return Service(settings, registry, metrics, cache, control, reloads, drain, app)
+    return Service(settings, registry, metrics, cache, control, reloads, drain, app, predictions, drift)
 
 
 def build_cache(settings: Settings, metrics: Metrics) -> PredictionCache | None:
@@ -96,11 +107,58 @@ def build_cache(settings: Settings, metrics: Metrics) -> PredictionCache | None:
     l1 = LRU(options.l1_max_entries, options.l1_max_bytes, options.l1_ttl) if options.l1_max_entries else None
     l2 = None
     if settings.redis.url and options.l2_enabled:
-        breaker = pybreaker.CircuitBreaker(fail_max=options.breaker_failures, reset_timeout=options.breaker_reset,
-                                           listeners=[BreakerMetrics(metrics)], name="redis")
+        breaker = build_breaker(settings, metrics)
         redis = settings.redis
         l2 = RedisStore(redis.url, redis.cache_ttl, redis.connect_timeout, redis.socket_timeout,
                         redis.pool_size, breaker, metrics)
     if l1 is None and l2 is None:
         return None
     return PredictionCache(l1, l2, Generations(), metrics)
+
+
+def build_breaker(settings: Settings, metrics: Metrics) -> pybreaker.CircuitBreaker:
+    options = settings.cache
+    return pybreaker.CircuitBreaker(fail_max=options.breaker_failures, reset_timeout=options.breaker_reset,
+                                    listeners=[BreakerMetrics(metrics)], name="redis")
+
+
+def loaded_versions(registry: Registry) -> list:
+    return [model for state in registry.models.values() for model in state.versions.values()]
+
+
+def build_drift(settings: Settings, registry: Registry, metrics: Metrics) -> DriftMonitor | None:
+    """Drift state for every loaded version, in the master: the workers forked after share it."""
+    options = settings.drift
+    if not options.enabled:
+        return None
+    limits = Thresholds(options.warn_threshold, options.drift_threshold, options.epsilon, options.min_rows)
+    # Old and new workers overlap during a swap: lanes for both, and a spare.
+    drift = DriftMonitor(options.window_seconds, options.window_buckets, options.window_rows, options.baseline_rows,
+                         limits, lanes=2 * settings.server.workers + 2)
+    drift.prepare(loaded_versions(registry))
+    metrics.add_collector(drift)
+    return drift
+
+
+def build_prediction_log(settings: Settings, metrics: Metrics, cache: PredictionCache | None,
+                         drift: DriftMonitor | None) -> PredictionLog:
+    options = settings.prediction_log
+    sinks: list[Sink] = []
+    if options.file:
+        folder = Path(options.file).resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise SettingError(f"prediction_log.file={options.file!r}: {folder} is not a writable directory")
+        sinks.append(FileSink(options.file, options.file_max_bytes, options.file_backups, options.sink_buffer_bytes,
+                              metrics))
+    if options.redis_stream:
+        if not settings.redis.url:
+            raise SettingError(f"prediction_log.redis_stream={options.redis_stream!r}: needs redis.url")
+        # The cache's breaker when there is one: Redis is down for both or neither.
+        breaker = cache.l2.breaker if cache is not None and cache.l2 is not None else build_breaker(settings, metrics)
+        sinks.append(RedisStreamSink(settings.redis.url, options.redis_stream, options.redis_maxlen,
+                                     settings.redis.connect_timeout, settings.redis.socket_timeout, breaker,
+                                     options.sink_buffer_bytes, metrics))
+    if options.http_url:
+        sinks.append(CloudEventSink(options.http_url, options.http_timeout, options.sink_buffer_bytes, metrics))
+    return PredictionLog(sinks, drift, metrics, sample_rate=options.sample_rate, queue_rows=options.queue_rows,
+                         flush_seconds=options.flush_seconds)
