@@ -35,6 +35,8 @@ from app.metrics import Metrics
 from app.sinks import Sink
 
 log = logging.getLogger(__name__)
+# A sink's buffer holds this many chunks: dropping the oldest loses an eighth of it at most.
+CHUNKS_PER_BUFFER = 8
 
 # Queue entries are plain tuples (the cheapest thing to build), by kind:
 ONE = 0     # (ONE, 1, logged, time, request_id, endpoint, state, model, pinned, row, scored, level, latency_ms, response)
@@ -167,13 +169,17 @@ class PredictionLog:
         if self.record_sinks and logged:
             worker = os.getpid()
             lines = [orjson.dumps(r) for item in logged for r in records(item, fragments.get(id(item)), worker)]
-            blob = b"\n".join(lines) + b"\n"
             for sink in self.record_sinks:
-                sink.offer(blob, len(lines), len(blob))
+                # In chunks well under the sink's buffer: when it is behind, the
+                # oldest chunks are dropped, never the newest records with them.
+                for chunk in chunked(lines, len, sink.limit // CHUNKS_PER_BUFFER):
+                    blob = b"\n".join(chunk) + b"\n"
+                    sink.offer(blob, len(chunk), len(blob))
         if self.event_sinks and logged:
+            events = [event(item, fragments.get(id(item))) for item in logged]
             for sink in self.event_sinks:
-                events = deque(event(item, fragments.get(id(item))) for item in logged)
-                sink.offer(events, len(events), sum(len(e["request"]) + len(e["response"]) + 300 for e in events))
+                for chunk in chunked(events, event_size, sink.limit // CHUNKS_PER_BUFFER):
+                    sink.offer(deque(chunk), len(chunk), sum(map(event_size, chunk)))
 
     def count_drift(self, items: list[tuple], fragments: dict) -> None:
         groups: dict = {}  # model -> (parts: row lists and matrices, in order; their labels)
@@ -203,6 +209,23 @@ class PredictionLog:
             self.wake.set()
             time.sleep(0.01)
         return all(sink.flush(max(0.0, deadline - time.monotonic())) for sink in self.sinks)
+
+
+def event_size(e: dict) -> int:
+    return len(e["request"]) + len(e["response"]) + 300  # the bodies and about what the headers take
+
+
+def chunked(items: list, size, limit: int) -> list[list]:
+    """items in order, in runs whose sizes add up to at most limit (at least one item a run)."""
+    runs, run, total = [], [], 0
+    for item in items:
+        n = size(item)
+        if run and total + n > limit:
+            runs.append(run)
+            run, total = [], 0
+        run.append(item)
+        total += n
+    return runs + [run] if run else runs
 
 
 def route_of(state, model, pinned: bool) -> str:

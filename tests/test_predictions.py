@@ -264,3 +264,23 @@ def test_rows_reach_the_drift_counter_with_logging_off(registry, tmp_path):
     assert client.simulate_get("/api/v1/models/iris_classifier/drift", params={"version": "x"}).status_code == 422
     assert client.simulate_get("/api/v1/models/iris_classifier/drift", params={"version": "9"}).status_code == 404
     assert client.simulate_get("/api/v1/models/nope/drift").status_code == 404
+
+
+def test_a_backlog_larger_than_a_sinks_buffer_keeps_its_newest_records(registry, tmp_path):
+    recorder = None
+
+    def sink(metrics):
+        nonlocal recorder
+        recorder = Recorder(metrics, buffer_bytes=20_000)
+        recorder.gate.clear()
+        return recorder
+    # The writer sleeps while 300 predictions queue up, then takes them all at once.
+    client, log, metrics = served(registry, tmp_path, [sink], flush_seconds=3600)
+    for i in range(300):
+        assert predict(client, [4.0 + i / 100, 3.0, 1.4, 0.2]).status_code == 200
+    log.wake.set()
+    until(lambda: not log.queue, 10, what="the writer took the queue")
+    recorder.gate.set()
+    assert log.flush(10)
+    assert recorder.lines and recorder.lines[-1]["features"][0] == pytest.approx(6.99)
+    assert value(metrics, "mlserve_prediction_log_dropped_total", sink="file", reason="sink_behind") > 0
