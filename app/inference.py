@@ -104,7 +104,7 @@ class Predictor:
                 hits[level] += 1
         labels = [row["prediction"] for row in rows]
         levels = [level for level, _ in found]
-        if model.class_keys is None:
+        if model.class_keys is None or rows[0]["probabilities"] is None:  # a classifier without probabilities
             return Scores(labels, None, hits), levels
         return Scores(labels, [list(row["probabilities"].values()) for row in rows], hits), levels
 

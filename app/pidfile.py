@@ -22,6 +22,14 @@ def start_time(pid: int) -> int | None:
     return int(stat.rpartition(")")[2].split()[19])
 
 
+def workers(pid: int) -> set[int]:
+    """The master's child processes (its Gunicorn workers)."""
+    try:
+        return set(map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split()))
+    except OSError:
+        return set()
+
+
 def write(path: Path, pid: int, models_dir: str) -> None:
     record = {"pid": pid, "start_time": start_time(pid), "models_dir": str(Path(models_dir).resolve())}
     tmp = path.with_name(path.name + ".tmp")

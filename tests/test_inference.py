@@ -151,3 +151,22 @@ def test_a_batch_names_its_unknown_field(models):
     p, _ = predictor(models)
     with pytest.raises(InvalidField, match="unknown field 'features'; one row goes to /api/v1/predict"):
         p.batch_predict({"model_name": "iris_classifier", "features": SETOSA}, time.perf_counter())
+
+
+def test_a_classifier_without_probabilities_answers_batches_through_the_cache():
+    from sklearn.datasets import load_iris
+    from sklearn.svm import SVC
+
+    from app.loader import LoadedModel
+    from app.registry import ModelState
+    from app.runtimes import SklearnRuntime
+
+    X, y = load_iris(return_X_y=True)
+    model = LoadedModel("svc", 1, "classification", ["a", "b", "c", "d"], [0, 1, 2],
+                        SklearnRuntime(SVC().fit(X, y), "classification"), {})
+    cache = PredictionCache(LRU(100, 1 << 20, 60), None, Generations(16), Metrics())
+    p = Predictor(None, 100, cache)
+    rows = np.asarray([SETOSA, VIRGINICA], dtype=np.float32)
+    for hits in (0, 2):  # a miss, then hits
+        scores = p.score(ModelState("svc", serving=model), model, rows, use_cache=True, pinned=False)
+        assert scores.labels == [0, 2] and scores.probabilities is None and scores.hits["l1"] == hits

@@ -2,7 +2,9 @@
 forms, and a one-line SettingError for every kind of bad value."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import time
 
@@ -339,3 +341,12 @@ def test_gunicorn_exits_with_one_line_when_mlserve_config_is_a_directory(tmp_pat
     lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
     assert len(lines) == 1, lines
     assert "MLSERVE_CONFIG" in lines[0]
+
+
+def test_the_readme_lists_every_setting_with_its_default():
+    readme = (ROOT / "README.md").read_text()
+    for env, key, default, _ in settings_module.describe():
+        row = re.search(rf"^\| `{env}` \| `{re.escape(key)}` \| `([^`]*)` \|", readme, re.M)
+        assert row, f"{env} is not in the README's settings table"
+        shown = row.group(1)
+        assert shown == (json.dumps(default) if isinstance(default, (str, bool)) else repr(default)), (env, shown)

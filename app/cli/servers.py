@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 from app import pidfile
 from app.cli.errors import UsageError
 from app.client import MLClient
 from app.settings import Settings
+
+
+# How long the CLI waits for a master's old workers to retire after a SIGHUP.
+REPLACE_SECONDS = 30
 
 
 def default_url(settings: Settings) -> str:
@@ -49,5 +54,13 @@ def notify_servers(redis_url: str, pid_file: Path, models_dir: str, reason: str)
         where = "no Redis (redis.url)" if not redis_url else f"no worker listening on {redis_url}"
         return (f"no running server found: no pid file at {pid_file} (server.pid_file), {where}; the change "
                 "applies when a server starts (a server elsewhere: use --url or MLSERVE_URL)")
+    old = pidfile.workers(pid)
     os.kill(pid, signal.SIGHUP)
-    return f"sent SIGHUP to the master (pid {pid})"
+    # Back once the workers that served the old state are gone, so that the
+    # next command (or request) sees the change.
+    deadline = time.monotonic() + REPLACE_SECONDS
+    while pidfile.workers(pid) & old and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if pidfile.workers(pid) & old:
+        return f"sent SIGHUP to the master (pid {pid}); its old workers are still finishing their requests"
+    return f"sent SIGHUP to the master (pid {pid}); its workers now serve the change"

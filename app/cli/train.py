@@ -31,5 +31,7 @@ def cmd_train(args, ctx: Context) -> int:
         mv, report = train_csv(ctx.repository, args.csv, args.target, args.name, args.algorithm,
                                ctx.settings.models.verify_tolerance, progress)
     print(report)
-    print(f"saved {mv.name} v{mv.version} ({mv.metadata['serving_runtime']}) to {mv.path}")
-    return 0
+    state = ctx.lifecycle.serving_state(mv.name)
+    serving = "serving" if state.get("version") == mv.version else \
+        f"not serving (promote with: mlserve models promote {mv.name} {mv.version})"
+    return ctx.changed(f"saved {mv.name} v{mv.version} ({mv.metadata['serving_runtime']}) to {mv.path}, {serving}")
