@@ -5,6 +5,7 @@
     python -m perf memory [...]     weights shared across workers: PSS at 1, 2, 4 and 8 workers
     python -m perf mlserver [...]   ours beside Seldon MLServer on the same forest
     python -m perf bigmodels [...]  build the large models the memory benchmark serves
+    python -m perf v2 [...]         the V2 protocol against v1 on the same work, in one run
 
 `python -m perf SUBCOMMAND --help` lists each one's flags.
 """
@@ -18,7 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 COMMANDS = {"run": "perf.bench", "commits": "perf.commits", "memory": "perf.memory",
-            "mlserver": "perf.mlserver", "bigmodels": "perf.bigmodels"}
+            "mlserver": "perf.mlserver", "bigmodels": "perf.bigmodels",
+            "v2": "perf.v2"}
 
 
 def main(argv: list[str]) -> int:

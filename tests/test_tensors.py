@@ -217,3 +217,34 @@ def test_metadata_names_the_matrix_its_features_and_the_outputs():
                                "parameters": {"feature_names": IRIS}}]
     assert [(o["name"], o["datatype"], o["shape"]) for o in meta["outputs"]] == \
         [("label", "INT64", [-1]), ("probabilities", "FP64", [-1, 3])]
+
+
+@pytest.mark.parametrize("body", [
+    {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]},
+    {"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP64", "data": [1, 2, 3, 4, 5, 6, 7, 8]}], "id": "a",
+     "parameters": {"use_cache": False}},
+    {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [[5.1, 3.5, 1.4, 0.2]]}]},
+    {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}],
+     "outputs": [{"name": "label"}]},
+    {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "INT32", "data": [1, 2, 3, 4]}]},
+], ids=["one-row", "two-rows-id-parameters", "nested", "outputs", "int32"])
+def test_read_request_matches_parse_then_feature_matrix(body):
+    """read_request's shortcut for small JSON requests gives what the general path gives."""
+    raw = orjson.dumps(body)
+    request, X = tensors.read_request(model(), raw, None, 100)
+    general = tensors.parse_request(raw)
+    assert (request.id, request.parameters, request.outputs) == (general.id, general.parameters, general.outputs)
+    assert np.array_equal(X, tensors.feature_matrix(model(), general.inputs, 100)) and X.dtype == np.float32
+
+
+@pytest.mark.parametrize("body, error, message", [
+    ({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 1e39, 4]}]}, InvalidInput,
+     "row 0, feature 2 (petal_length)"),
+    ({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}], "id": 3}, InvalidInput,
+     "id must be a string"),
+    ({"inputs": [{"name": "x", "shape": [3, 4], "datatype": "FP32", "data": [1] * 12}]}, BatchTooLarge, "at most 2"),
+])
+def test_read_request_refuses_what_the_general_path_refuses(body, error, message):
+    with pytest.raises(error) as info:
+        tensors.read_request(model(), orjson.dumps(body), None, 2)
+    assert message in info.value.message

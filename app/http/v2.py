@@ -185,12 +185,10 @@ class Infer:
         pinned = version_of(name, version)
         state, model = self.predictor.route(name, pinned, req.get_header("X-Routing-Key"))
         req.context.model = model
-        request = tensors.parse_request(raw, header_length(req))
-        tensors.check_outputs(model, request)
-        use_cache = request.parameters.get("use_cache", True)
+        request, X = tensors.read_request(model, raw, header_length(req), self.predictor.max_batch_rows)
+        use_cache = request.parameters.get("use_cache", True) if request.parameters else True
         if type(use_cache) is not bool:
             raise InvalidInput("parameters.use_cache must be true or false")
-        X = tensors.feature_matrix(model, request.inputs, self.predictor.max_batch_rows)
         scores = self.predictor.score(state, model, X, use_cache, pinned is not None)
         resp.data, json_length = tensors.answer(model, request, scores.labels, scores.probabilities)
         if json_length is None:
