@@ -124,11 +124,11 @@ def render(meta: dict, result: dict, names: list[str]) -> str:
             rows.append((r["scenario"], report.num(r["req_per_s"]),
                          f"{report.num(r['req_per_s_range'][0])}-{report.num(r['req_per_s_range'][1])}",
                          report.num(r["rows_per_s"]), f"{lat['p50']:.2f}", f"{lat['p99']:.2f}",
-                         r["errors_all_runs"], f"{r['response_bytes']:,.0f}"))
-        rows.append((f"**{name}: V2 / v1 {key.replace('_per_s', '/s')}**", "", "", "", "", "", "",
+                         r["errors_all_runs"], report.num(r["cpu_ms_per_req"], 3), f"{r['response_bytes']:,.0f}"))
+        rows.append((f"**{name}: V2 / v1 {key.replace('_per_s', '/s')}**", "", "", "", "", "", "", "",
                      f"**{value:.2f}x** (goal >= {goal}x: {'met' if value >= goal else 'MISSED'})"))
     lines += report.table(("scenario", "req/s", "min-max", "rows/s", "p50 ms", "p99 ms", "errors",
-                           "response bytes"), rows)
+                           "server CPU ms/req", "response bytes"), rows)
     return "\n".join(lines) + "\n"
 
 
