@@ -101,7 +101,7 @@ def schemathesis_run(url: str, workdir: Path, *extra: str) -> str:
     cases per operation, valid and invalid. Its report, when all passed."""
     command = [str(SCHEMATHESIS), "run", f"{url}/openapi.json", "--checks", ",".join(CHECKS),
                "--phases", "examples,coverage,fuzzing", "--max-examples", str(EXAMPLES), "--seed", str(SEED),
-               "--request-timeout", "10", "--generation-database", "none", "--no-color", *extra]
+               "--workers", "2", "--request-timeout", "30", "--generation-database", "none", "--no-color", *extra]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=workdir)
     assert done.returncode == 0, f"{' '.join(command)}\n{done.stdout[-20000:]}\n{done.stderr[-3000:]}"
     selected = re.search(r"Selected: (\d+)/(\d+)\s+Tested: (\d+)", done.stdout)
