@@ -30,6 +30,15 @@ class InvalidFeatures(ServingError):
     status, code = 422, "invalid_features"
 
 
+class InvalidInput(ServingError):
+    """A V2 inference request whose tensors, outputs or parameters cannot be used as they are."""
+    status, code = 400, "invalid_input"
+
+
+class UnsupportedMediaType(ServingError):
+    status, code = 415, "unsupported_media_type"
+
+
 class BodyTooLarge(ServingError):
     status, code = 413, "body_too_large"
 

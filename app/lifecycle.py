@@ -1,5 +1,5 @@
-"""The model lifecycle verbs: promote, rollback, split, shadow (publish is in
-app/publishing.py).
+"""The model lifecycle verbs: promote, rollback, split, shadow, load and
+unload (publish is in app/publishing.py).
 
 Each checks first and changes the repository (serving.json) only when the
 change is safe and would be served: a version is loaded and verified before it
@@ -94,6 +94,20 @@ class Lifecycle:
             self.require(name, version)
             self.verify(name, version)
         return self.repository.record(name, "shadow", version, by, reason, {"shadow": version})
+
+    def load(self, name: str, by: str = "", reason: str = "") -> dict:
+        """Serve the model (again, after unload): its target version is loaded and checked first."""
+        self.allow(name, "load")
+        self.require_model(name)
+        version = self.current(name)
+        self.verify(name, version)
+        return self.repository.record(name, "load", version, by, reason, {"unloaded": False})
+
+    def unload(self, name: str, by: str = "", reason: str = "") -> dict:
+        """Stop serving the model (its versions stay in the repository) until it is loaded again."""
+        self.allow(name, "unload")
+        self.require_model(name)
+        return self.repository.record(name, "unload", None, by, reason, {"unloaded": True})
 
     def serving_state(self, name: str) -> dict:
         """The model's serving.json ({} when it has none)."""

@@ -4,7 +4,8 @@ config/models.yaml may list the models to serve, each with what it pins
 (version, split, shadow); with no list, every model in the repository serves.
 Where models.yaml pins nothing, the model's serving.json in the repository
 decides (publish, promote, rollback and the admin API write it), else the
-newest version serves.
+newest version serves. A model whose serving.json says it was unloaded is
+not served until it is loaded again.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from app.errors import Conflict, ModelNotFound
+from app.errors import Conflict, InvalidModel, ModelNotFound
 from app.repository import ModelRepository, is_valid_name
 from app.routing import parse_weights
 from app.settings import SettingError
@@ -49,7 +50,9 @@ class ServingPlan:
     path: Path | None = None
 
     def names(self, repository: ModelRepository) -> list[str]:
-        return list(self.listed) if self.listed is not None else repository.names()
+        """The models to serve: those listed (else every one in the repository), less the unloaded."""
+        names = list(self.listed) if self.listed is not None else repository.names()
+        return [name for name in names if not unloaded(repository, name)]
 
     def get(self, name: str) -> ModelPlan:
         return (self.listed or {}).get(name) or ModelPlan()
@@ -83,6 +86,14 @@ class ServingPlan:
         return Target(version, {v: w for v, w in split.items() if v in on_disk},
                       shadow if shadow in on_disk else None, previous if previous in on_disk else None,
                       on_disk)
+
+
+def unloaded(repository: ModelRepository, name: str) -> bool:
+    """Whether the model's serving.json says it was unloaded (the V2 repository API's unload)."""
+    try:
+        return bool((repository.serving_state(name) or {}).get("unloaded"))
+    except InvalidModel:
+        return False  # the registry reports the unreadable file
 
 
 def read_plan(path: Path | None) -> ServingPlan:

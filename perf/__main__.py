@@ -7,6 +7,7 @@
     python -m perf soak [...]       memory under 10 minutes of mixed traffic and swaps stays bounded
     python -m perf bigmodels [...]  build the large models the memory benchmark serves
     python -m perf monitoring [...] the cost of the prediction log and drift on the request path
+    python -m perf v2 [...]         the V2 protocol against v1 on the same work, in one run
 
 `python -m perf SUBCOMMAND --help` lists each one's flags.
 """
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 COMMANDS = {"run": "perf.bench", "commits": "perf.commits", "memory": "perf.memory",
             "mlserver": "perf.mlserver", "soak": "perf.soak", "bigmodels": "perf.bigmodels",
-            "monitoring": "perf.monitoring"}
+            "monitoring": "perf.monitoring", "v2": "perf.v2"}
 
 
 def main(argv: list[str]) -> int:

@@ -145,5 +145,5 @@ def test_every_example_in_the_readme_runs_and_answers_as_shown(reader):
             except AssertionError as exc:
                 raise AssertionError(f"{example}\n{exc}\ngot:\n{done.stdout}") from None
         if SWAPPED.search(done.stdout):
-            until(lambda: len(server.worker_pids()) == 2 and not before & set(server.worker_pids()),
+            until(lambda old=before: len(server.worker_pids()) == 2 and not old & set(server.worker_pids()),
                   what=f"the swap after {example}")

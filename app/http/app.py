@@ -9,7 +9,7 @@ import falcon
 from app.cache import PredictionCache
 from app.control import ControlChannel
 from app.drift import DriftMonitor
-from app.http import admin, errors, resources
+from app.http import admin, errors, openapi, resources, v2
 from app.http.drift import ModelDrift
 from app.http.ratelimit import RateLimit
 from app.http.tracing import RequestTrace
@@ -84,5 +84,7 @@ def create_app(settings: Settings, registry: Registry, metrics: Metrics, started
                       admin.ModelAction(auth, registry, lifecycle, reloads, limit))
     if settings.monitoring.prometheus_enabled:
         app.add_route("/metrics", resources.MetricsText(metrics))
+    v2.add_routes(app, registry, predictor, auth, limit, lifecycle, reloads)
+    app.add_route("/openapi.json", openapi.Document())
     app.add_error_handler(errors.HANDLED, errors.handle)
     return app

@@ -4,6 +4,8 @@ Every error answers {"error": {"code", "message", ...details}} with the
 message the code raised: domain errors (app.errors) carry their status and
 code; Falcon's own (no route, wrong method, bad header) get a code from their
 status; anything else is logged and becomes a plain 500 without a traceback.
+Under /v2 (the Open Inference Protocol) the same error answers the
+protocol's shape instead, {"error": "<message>"}, with the same status.
 """
 from __future__ import annotations
 
@@ -34,7 +36,15 @@ def handle(req: falcon.Request, resp: falcon.Response, exc: Exception, params) -
     resp.content_type = JSON
     for name, value in headers.items():
         resp.set_header(name, value)
-    resp.data = error_body(code, message, details)
+    resp.data = v2_error_body(message) if is_v2(req.path) else error_body(code, message, details)
+
+
+def v2_error_body(message: str) -> bytes:
+    return orjson.dumps({"error": message})
+
+
+def is_v2(path: str) -> bool:
+    return path.startswith("/v2") and (len(path) == 3 or path[3] == "/")
 
 
 def describe(req: falcon.Request, exc: Exception) -> tuple[int, str, str, dict, dict]:

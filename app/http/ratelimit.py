@@ -20,7 +20,7 @@ from limits.strategies import MovingWindowRateLimiter
 from app.errors import RateLimited
 
 log = logging.getLogger(__name__)
-EXEMPT = frozenset(("health", "ready", "metrics"))
+EXEMPT = frozenset(("health", "ready", "metrics", "v2_health_live", "v2_health_ready"))
 
 
 class RateLimit:
