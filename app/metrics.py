@@ -50,6 +50,9 @@ class Metrics:
         self.shadow_diff = Histogram("mlserve_shadow_abs_diff", "Absolute difference of shadow and primary (regression).",
                                      ["model", "primary", "shadow"], registry=self.registry,
                                      buckets=(1e-6, 1e-4, 1e-3, 0.01, 0.1, 1.0, 10.0, 100.0))
+        self.alias_checks = Counter("mlserve_alias_checks", "Followed MLflow aliases that moved or could not be read, "
+                                    "by model and result (promoted, refused, failed).", ["model", "result"],
+                                    registry=self.registry)
         self.lock = threading.Lock()
         # (model, version, endpoint, status) -> [count, seconds, per-bucket counts]
         self.pending: dict[tuple, list] = {}
@@ -111,6 +114,9 @@ class Metrics:
     def swapped(self, results: list[tuple[str, str, str]]) -> None:
         for model, result, _ in results:
             self.swaps.labels(model, result).inc()
+
+    def alias_checked(self, model: str, result: str) -> None:
+        self.alias_checks.labels(model, result).inc()
 
     def shadow_compared(self, primary, shadow, agreed: list[bool], diffs: list[float] | None) -> None:
         labels = (primary.name, str(primary.version), str(shadow.version))

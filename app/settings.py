@@ -112,6 +112,16 @@ class Models:
     directory: str = setting("models", "The model repository: <directory>/<name>/<version>/.")
     config: str = setting("config/models.yaml", "Which models (and pinned versions) to serve.")
     verify_tolerance: float = setting(1e-5, "Largest probability difference accepted between ONNX and scikit-learn.", between(0, 1))
+    max_upload_bytes: int = setting(1 << 30, "Largest artifact accepted by the upload endpoint (/api/v1/admin/uploads).",
+                                    between(1, 1 << 40))
+
+
+@dataclass(frozen=True)
+class Mlflow:
+    tracking_uri: str = setting("", "MLflow tracking server for models:/ URIs and followed aliases (empty: MLFLOW_TRACKING_URI).")
+    registry_uri: str = setting("", "MLflow model registry, when it is not the tracking server (empty: MLFLOW_REGISTRY_URI).")
+    follow_interval: float = setting(30.0, "Seconds between checks of the MLflow aliases models follow (0: follow none).",
+                                     between(0, 86400))
 
 
 @dataclass(frozen=True)
@@ -138,6 +148,7 @@ class Settings:
     models: Models = field(default_factory=Models)
     monitoring: Monitoring = field(default_factory=Monitoring)
     rate_limiting: RateLimiting = field(default_factory=RateLimiting)
+    mlflow: Mlflow = field(default_factory=Mlflow)
 
     @property
     def bind(self) -> str:
@@ -149,13 +160,18 @@ class Settings:
 
 
 SECTION_CLASSES = {"server": Server, "redis": Redis, "cache": Cache, "models": Models,
-                   "monitoring": Monitoring, "rate_limiting": RateLimiting}
+                   "monitoring": Monitoring, "rate_limiting": RateLimiting, "mlflow": Mlflow}
 
 # Short environment names for the settings people change most.
 SHORT_FORMS = {
     "MLSERVE_WORKERS": ("server", "workers"),
     "MLSERVE_MODELS_DIR": ("models", "directory"),
     "MLSERVE_REDIS_URL": ("redis", "url"),
+}
+# MLflow's own variables, as every MLflow client reads them; MLSERVE_MLFLOW_* win.
+MLFLOW_FORMS = {
+    "MLFLOW_TRACKING_URI": ("mlflow", "tracking_uri"),
+    "MLFLOW_REGISTRY_URI": ("mlflow", "registry_uri"),
 }
 
 
@@ -165,6 +181,9 @@ def load(environ: Mapping[str, str] | None = None, path: str | None = None) -> S
     path = path or environ.get(ENV_PREFIX + "CONFIG") or DEFAULT_CONFIG
     raw = read_file(Path(path), required=ENV_PREFIX + "CONFIG" in environ)
     check_environment_names(environ)
+    for env, (section, name) in MLFLOW_FORMS.items():
+        if environ.get(env):
+            raw.setdefault(section, {})[name] = environ[env]
     for section, cls in SECTION_CLASSES.items():
         for f in dataclasses.fields(cls):
             env = f"{ENV_PREFIX}{section.upper()}_{f.name.upper()}"

@@ -12,7 +12,7 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +28,7 @@ from app.plan import read_plan
 from app.registry import Registry
 from app.reload import ReloadTrigger
 from app.repository import ModelRepository
+from app.server.follower import FollowerProcess
 from app.settings import Settings
 from app.shadow import ShadowScorer
 
@@ -44,6 +45,7 @@ class Service:
     reloads: ReloadTrigger
     drain: Drain
     app: falcon.App
+    follower: FollowerProcess = field(default_factory=FollowerProcess)
 
     def reload(self) -> None:
         """In the master, on SIGHUP: apply repository and config changes before
