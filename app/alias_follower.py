@@ -144,15 +144,6 @@ class AliasFollower:
         record = {"uri": str(follow.ref), "seen": found.version, "refused": reason if refused else None}
         self.repository.record(follow.name, "follow", None, self.by, reason, {"follow": record})
 
-    def start_following(self, name: str, ref: ModelRef, by: str = "", reason: str = "") -> None:
-        """Record in serving.json that name follows ref (what `mlserve models follow` does after its first check)."""
-        self.lifecycle.allow(name, "follow")
-        state = self.repository.serving_state(name) or {}
-        recorded = state.get("follow") or {}
-        record = {**recorded, "uri": str(ref)} if recorded.get("uri") == str(ref) else {"uri": str(ref), "seen": None}
-        (self.repository.root / name).mkdir(parents=True, exist_ok=True)
-        self.repository.record(name, "follow", None, by, reason or f"follows {ref}", {"follow": record})
-
     def stop_following(self, name: str, by: str = "", reason: str = "") -> None:
         self.lifecycle.allow(name, "follow")
         if not (self.repository.serving_state(name) or {}).get("follow"):

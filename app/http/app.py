@@ -13,10 +13,12 @@ from app.http.ratelimit import RateLimit
 from app.inference import Predictor
 from app.lifecycle import Lifecycle
 from app.metrics import Metrics
+from app.publishing import Publisher
 from app.registry import Registry
 from app.reload import ReloadTrigger
 from app.settings import Settings
 from app.shadow import ShadowScorer
+from app.uploads import UploadStore
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,11 @@ def create_app(settings: Settings, registry: Registry, metrics: Metrics, started
     if lifecycle is not None and reloads is not None:
         app.add_route("/api/v1/admin/models/{name}/{action}",
                       admin.ModelAction(auth, registry, lifecycle, reloads, limit))
+        uploads = UploadStore(lifecycle.repository.root, settings.models.max_upload_bytes)
+        app.add_route("/api/v1/admin/uploads", admin.Uploads(auth, uploads))
+        app.add_route("/api/v1/admin/uploads/{upload_id}", admin.Upload(auth, uploads))
+        app.add_route("/api/v1/admin/models/{name}/versions",
+                      admin.ModelVersions(auth, Publisher(lifecycle), reloads, uploads, limit))
     if settings.monitoring.prometheus_enabled:
         app.add_route("/metrics", resources.MetricsText(metrics))
     app.add_error_handler(errors.HANDLED, errors.handle)
