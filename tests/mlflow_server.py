@@ -84,15 +84,18 @@ class Team:
         with self.mlflow.start_run():
             for key, value in (metrics or {}).items():
                 self.mlflow.log_metric(key, value)
+            # Requirements given, so MLflow does not infer them (slow) from a subprocess.
             info = self.mlflow.sklearn.log_model(estimator, name="model", input_example=X[:5],
-                                                 registered_model_name=name, **options)
+                                                 registered_model_name=name, pip_requirements=["scikit-learn"],
+                                                 **options)
         return int(info.registered_model_version)
 
     def log_onnx(self, name: str, graph, X, metrics: dict | None = None) -> int:
         with self.mlflow.start_run():
             for key, value in (metrics or {}).items():
                 self.mlflow.log_metric(key, value)
-            info = self.mlflow.onnx.log_model(graph, name="model", input_example=X[:5], registered_model_name=name)
+            info = self.mlflow.onnx.log_model(graph, name="model", input_example=X[:5], registered_model_name=name,
+                                              pip_requirements=["onnx"])
         return int(info.registered_model_version)
 
     def set_alias(self, name: str, alias: str, version: int) -> None:
