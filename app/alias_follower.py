@@ -176,7 +176,7 @@ class Lease:
             return bool(self.lock.acquire(blocking=False, token=self.holder))
         except redis.RedisError as exc:
             # Without Redis no host can be sure it is the only one fetching: none does.
-            log.warning("alias follower: Redis unavailable, not checking aliases (%s)", exc)
+            log.warning("Redis unavailable, not checking the followed aliases (%s)", exc)
             return False
 
     def release(self) -> None:
@@ -205,7 +205,7 @@ class FollowLoop:
             try:
                 self.poll()
             except Exception:  # the loop outlives any one bad poll
-                log.exception("alias follower: poll failed")
+                log.exception("checking the followed aliases failed")
             if self.stop.wait(self.interval):
                 break
         self.lease.release()
@@ -231,9 +231,9 @@ class FollowLoop:
             return
         self.counted(outcome.follow.name, outcome.result)
         if outcome.result == "promoted":
-            log.info("alias follower: %s", outcome.detail)
+            log.info("%s", outcome.detail)
         elif outcome.result == "refused":
-            log.error("alias follower: %s; %s keeps serving v%s", outcome.detail, outcome.follow.name,
+            log.error("%s; %s keeps serving v%s", outcome.detail, outcome.follow.name,
                       self.follower.lifecycle.current(outcome.follow.name))
         else:
-            log.warning("alias follower: %s: %s", outcome.follow.ref, outcome.detail)
+            log.warning("%s: %s", outcome.follow.ref, outcome.detail)

@@ -132,11 +132,10 @@ def cmd_publish(args, ctx: Context) -> int:
         answer = sources.publish_there(args, ctx, features, classes)
         serving = "serving" if answer.get("serving_version") == answer["version"] else \
             f"not serving (serving v{answer.get('serving_version')})"
-        swap = answer.get("swap") or {}
+        told = (answer.get("swap") or {}).get("other_hosts_notified")
+        others = "no Redis: other hosts not told" if told is None else f"{told} worker(s) told through Redis"
         print(f"published {answer['model']} v{answer['version']} ({answer.get('runtime')}) on {args.url}, {serving}; "
-              f"reload: that host {swap.get('this_host')}, "
-              f"{swap.get('other_hosts_notified') if swap.get('other_hosts_notified') is not None else 'no'} "
-              "worker(s) told through Redis")
+              f"that host is reloading ({others})")
         return 0
     lifecycle = ctx.lifecycle
     mv = sources.publish_here(args, ctx, features, classes)

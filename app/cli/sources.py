@@ -36,6 +36,13 @@ def output_of(args) -> str:
 
 def export(args, ctx: Context, framework: str):
     """The framework model as a checked ONNX export (app/exporters.py)."""
+    exported = export_checked(args, ctx, framework)
+    print(f"exported {args.source} from {framework} to ONNX: outputs within {exported.max_abs_diff:.2g} "
+          f"of {framework} on {len(exported.sample)} reference rows")
+    return exported
+
+
+def export_checked(args, ctx: Context, framework: str):
     from app import exporters
 
     path = Path(args.source)
@@ -100,8 +107,6 @@ def publish_here(args, ctx: Context, features, classes):
     framework = framework_of(args)
     if framework:
         exported = export(args, ctx, framework)
-        print(f"exported {args.source} from {framework} to ONNX: outputs within {exported.max_abs_diff:.2g} "
-              f"of {framework} on {len(exported.sample)} reference rows")
         return ctx.publisher.publish_graph(exported.graph, name, features, exported.task, classes, exported.sample,
                                            exported.metadata(), reason=args.reason)
     path = Path(args.source)
