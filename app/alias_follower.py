@@ -229,7 +229,6 @@ class FollowLoop:
     def report(self, outcome: Outcome) -> None:
         if outcome.result == "unchanged":
             return
-        self.counted(outcome.follow.name, outcome.result)
         if outcome.result == "promoted":
             log.info("%s", outcome.detail)
         elif outcome.result == "refused":
@@ -237,3 +236,5 @@ class FollowLoop:
                       self.follower.lifecycle.current(outcome.follow.name))
         else:
             log.warning("%s: %s", outcome.follow.ref, outcome.detail)
+        # Counted once the log says why, so whoever sees the count finds the reason.
+        self.counted(outcome.follow.name, outcome.result)

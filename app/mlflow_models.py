@@ -320,5 +320,9 @@ def publish_registered(publisher, registry: MLflowRegistry, ref: ModelRef, name:
                                "never loaded; log it with serialization_format='skops' (MLflow 3's default) or as ONNX")
         extra = {"mlflow": {**model.metadata["mlflow"], **found.provenance()},
                  "metrics": registry.run_metrics(found.run_id), "published_from": found.uri}
-        mv = publisher.publish(Path(tmp), name, by=by, reason=reason, extra=extra, allow_pickle=False, **given)
+        try:
+            mv = publisher.publish(Path(tmp), name, by=by, reason=reason, extra=extra, allow_pickle=False, **given)
+        except ModelRefused as exc:
+            # Name the model by its URI, not by the download's temporary directory.
+            raise ModelRefused(exc.message.replace(tmp, found.uri)) from None
     return mv, found
