@@ -3,6 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+EXTRAS := $(VENV)/.installed-extras
+# The MLflow tracking server the tests start, in a virtualenv of its own: the
+# full mlflow package pins gunicorn<27, which this project is not on.
+MLFLOW_VENV := .venv-mlflow
+MLFLOW_STAMP := $(MLFLOW_VENV)/.installed
 DEMO   := iris_classifier binary_classifier diabetes_regressor wine_clusters
 # podman, runc and debootstrap build and run the image (tests/test_image.py);
 # prometheus (with promtool) and prometheus-alertmanager (with amtool) check
@@ -16,9 +21,12 @@ SYSTEM_PACKAGES_NO_RECOMMENDS := docker-compose
 RUFF := --select E,F,W,C901,B --ignore B905 --line-length 140 --target-version py311 \
         --config lint.mccabe.max-complexity=15 --extend-exclude tests/data
 
-.PHONY: install models serve test test-fast lint system-deps bench bench-mlserver clean
+.PHONY: install extras models serve test test-fast lint system-deps bench bench-mlserver clean
 
 install: $(STAMP)
+
+# What the tests of the model sources need: the MLflow client, PyTorch, TensorFlow.
+extras: $(EXTRAS) $(MLFLOW_STAMP)
 
 # meinheld pins greenlet<0.5, which does not build on Python 3.11; its C
 # server needs no greenlet, so it goes in without its dependencies.
@@ -27,6 +35,15 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/pip install -q -e '.[server,test]'
 	$(BIN)/pip install -q --no-deps meinheld==1.0.2
 	$(BIN)/python -c "import meinheld.server"
+	touch $@
+
+$(EXTRAS): $(STAMP) setup.cfg
+	$(BIN)/pip install -q -e '.[server,test,mlflow,torch,tensorflow]'
+	touch $@
+
+$(MLFLOW_STAMP):
+	test -x $(MLFLOW_VENV)/bin/python || $(PYTHON) -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/pip install -q mlflow==3.17.2
 	touch $@
 
 models: install
@@ -49,11 +66,11 @@ system-deps:
 lint: install
 	$(BIN)/ruff check $(RUFF) app tests perf gunicorn.conf.py
 
-test: install system-deps models lint
+test: install extras system-deps models lint
 	$(BIN)/python -m pytest
 
 # The edit loop: lint and every test that starts no server or other process.
-test-fast: install models lint
+test-fast: install extras models lint
 	$(BIN)/python -m pytest -m "not server"
 
 # The full suite; narrow it with e.g. make bench BENCH_ARGS="--scenario predict_uncached --connections 32"
@@ -66,4 +83,4 @@ bench-mlserver: install system-deps models
 	$(BIN)/python -m perf mlserver $(MLSERVER_ARGS)
 
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) $(MLFLOW_VENV) *.egg-info

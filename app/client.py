@@ -5,9 +5,12 @@ answered, ConnectionFailed when it could not be reached.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import re
 import time
-from typing import Any, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import quote, urlsplit
 
 import orjson
@@ -162,10 +165,42 @@ class MLClient:
         """The Prometheus metrics text."""
         return self.send("GET", "/metrics", None).text
 
-    def request(self, method: str, path: str, body: dict | None = None, answers: tuple[int, ...] = ()) -> Any:
+    def publish_artifact(self, name: str, artifact: bytes | str | Path, form: str,
+                         fields: Mapping[str, Any] | None = None,
+                         progress: Callable[[int, int], None] | None = None) -> dict:
+        """Upload an ONNX or skops artifact (bytes or a file) in parts through the
+        admin API (the client's api_key: an admin key or the admin token), then
+        publish it as the next version of name with the same checks as a local
+        publish. fields: features, task, classes, trusted_types, reference_sample,
+        promote, reason. The server's answer."""
+        if form not in ("onnx", "skops"):
+            raise ValueError("form must be onnx or skops")
+        auth: dict = {}  # the session's Authorization header
+        upload = self.request("POST", "/api/v1/admin/uploads", headers=auth)
+        part, upload_id = int(upload["part_bytes"]), upload["upload_id"]
+        digest, offset = hashlib.sha256(), 0
+        with (io.BytesIO(artifact) if isinstance(artifact, bytes) else open(artifact, "rb")) as source:
+            total = source.seek(0, io.SEEK_END)
+            source.seek(0)
+            if progress:
+                progress(0, total)
+            while chunk := source.read(part):
+                digest.update(chunk)
+                answer = self.request("PATCH", f"/api/v1/admin/uploads/{upload_id}", data=chunk,
+                                      headers={**auth, "Upload-Offset": str(offset),
+                                               "Content-Type": "application/octet-stream"})
+                offset = int(answer["offset"])
+                if progress:
+                    progress(offset, total)
+        body = {**(fields or {}), "upload": upload_id, "format": form, "sha256": digest.hexdigest()}
+        return self.request("POST", f"/api/v1/admin/models/{quote(name, safe='')}/versions", body, headers=auth)
+
+    def request(self, method: str, path: str, body: dict | None = None, answers: tuple[int, ...] = (),
+                headers: dict | None = None, data: bytes | None = None) -> Any:
         """The JSON body of a successful response; statuses in answers count as success
-        when their body is not an error (the 503 of /ready is an answer, not a failure)."""
-        response = self.send(method, path, body, answers)
+        when their body is not an error (the 503 of /ready is an answer, not a failure).
+        data: a raw body instead of body's JSON."""
+        response = self.send(method, path, body, answers, headers, data)
         try:
             return orjson.loads(response.content)
         except orjson.JSONDecodeError:
@@ -174,9 +209,11 @@ class MLClient:
                                f"expected JSON from {method} {path}, got {kind}",
                                response.text[:1000]) from None
 
-    def send(self, method: str, path: str, body: dict | None, answers: tuple[int, ...] = ()) -> requests.Response:
-        data = orjson.dumps(body, option=DUMP_OPTIONS) if body is not None else None
-        headers = {"Content-Type": "application/json"} if data is not None else None
+    def send(self, method: str, path: str, body: dict | None, answers: tuple[int, ...] = (),
+             extra_headers: dict | None = None, raw: bytes | None = None) -> requests.Response:
+        data = orjson.dumps(body, option=DUMP_OPTIONS) if body is not None else raw
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        headers = {**headers, **(extra_headers or {})} or None
         try:
             response = self.session.request(method, self.base_url + path, data=data, headers=headers,
                                             timeout=self.timeout)

@@ -1,7 +1,9 @@
 """Turn a ModelVersion on disk into a LoadedModel ready to serve.
 
 Pickle and joblib run code when loaded: they are only read from the trusted
-repository directory, after their sha256 matched the metadata.
+repository directory, after their sha256 matched the metadata. A skops file
+(model.skops) runs none: it is rebuilt trusting only the types its metadata
+lists (app/skops_models.py).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from app.conversion import Verdict, convert_and_verify
 from app.errors import InvalidModel
 from app.repository import ModelVersion
 from app.runtimes import OnnxRuntime, Runtime, SklearnRuntime
+from app.skops_models import load_skops
 
 log = logging.getLogger(__name__)
 TASKS = ("classification", "regression", "clustering")
@@ -94,9 +97,7 @@ def from_onnx(mv: ModelVersion) -> LoadedModel:
 
 
 def from_estimator(mv: ModelVersion, tolerance: float, reconvert: bool = False) -> LoadedModel:
-    import joblib
-
-    estimator = joblib.load(mv.checked_file(mv.metadata["artifact"], "sha256"))
+    estimator = load_estimator(mv)
     meta = mv.metadata
     task = require_task(mv, meta.get("task") or task_of(estimator))
     n_features = int(getattr(estimator, "n_features_in_", 0)) or len(meta.get("feature_names") or [])
@@ -116,6 +117,15 @@ def from_estimator(mv: ModelVersion, tolerance: float, reconvert: bool = False) 
         runtime = SklearnRuntime(estimator, task)
         log.warning("%s served by scikit-learn, not ONNX Runtime: %s", mv, verdict.reason)
     return assemble(mv, task, runtime, verdict, n_features, classes)
+
+
+def load_estimator(mv: ModelVersion):
+    path = mv.checked_file(mv.metadata["artifact"], "sha256")
+    if mv.metadata["artifact"] == "model.skops":
+        return load_skops(path, mv.metadata.get("skops_trusted_types"))
+    import joblib
+
+    return joblib.load(path)
 
 
 def assemble(mv: ModelVersion, task: str, runtime: Runtime, verdict: Verdict | None,

@@ -63,6 +63,9 @@ class Metrics:
                                    registry=self.registry)
         # Computed at scrape time from what every worker shares (drift PSI).
         self.collectors: list = []
+        self.alias_checks = Counter("mlserve_alias_checks", "Followed MLflow aliases that moved or could not be read, "
+                                    "by model and result (promoted, refused, failed).", ["model", "result"],
+                                    registry=self.registry)
         self.lock = threading.Lock()
         # (model, version, endpoint, status) -> [count, seconds, per-bucket counts]
         self.pending: dict[tuple, list] = {}
@@ -124,6 +127,9 @@ class Metrics:
     def swapped(self, results: list[tuple[str, str, str]]) -> None:
         for model, result, _ in results:
             self.swaps.labels(model, result).inc()
+
+    def alias_checked(self, model: str, result: str) -> None:
+        self.alias_checks.labels(model, result).inc()
 
     def shadow_compared(self, primary, shadow, agreed: list[bool], diffs: list[float] | None) -> None:
         labels = (primary.name, str(primary.version), str(shadow.version))

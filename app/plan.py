@@ -14,12 +14,12 @@ from pathlib import Path
 
 import yaml
 
-from app.errors import Conflict, InvalidModel, ModelNotFound
+from app.errors import Conflict, InvalidData, InvalidModel, ModelNotFound
 from app.repository import ModelRepository, is_valid_name
 from app.routing import parse_weights
 from app.settings import SettingError
 
-OPTIONS = ("version", "split", "shadow")
+OPTIONS = ("version", "split", "shadow", "follow")
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class ModelPlan:
     version: int | None = None
     split: dict[int, float] | None = None
     shadow: int | None = None
+    follow: str | None = None  # models:/NAME@ALIAS this model tracks (app/alias_follower.py)
 
 
 @dataclass
@@ -67,9 +68,9 @@ class ServingPlan:
                            "or remove the list to serve every model in the repository")
         plan = self.get(name)
         pinned = {"promote": plan.version, "rollback": plan.version, "split": plan.split,
-                  "shadow": plan.shadow}.get(action)
+                  "shadow": plan.shadow, "follow": plan.follow or plan.version}.get(action)
         if pinned is not None:
-            what = "version" if action in ("promote", "rollback") else action
+            what = "version" if action in ("promote", "rollback") or not plan.follow else action
             raise Conflict(f"{name}'s {what} is pinned in {where}; change it there")
 
     def target(self, name: str, repository: ModelRepository) -> Target:
@@ -138,4 +139,21 @@ def plan_of(path: Path, name, options) -> ModelPlan:
             split = parse_weights(options["split"])
         except ValueError as exc:
             raise SettingError(f"{path}: models.{name}.split: {exc}") from None
-    return ModelPlan(options.get("version"), split, options.get("shadow"))
+    return ModelPlan(options.get("version"), split, options.get("shadow"), follow_of(path, name, options))
+
+
+def follow_of(path: Path, name: str, options: dict) -> str | None:
+    follow = options.get("follow")
+    if follow is None:
+        return None
+    from app.mlflow_models import parse_model_uri
+
+    try:
+        ref = parse_model_uri(str(follow))
+    except InvalidData as exc:
+        raise SettingError(f"{path}: models.{name}.follow: {exc.message}") from None
+    if ref.alias is None:
+        raise SettingError(f"{path}: models.{name}.follow={follow!r}: expected models:/NAME@ALIAS (an alias moves; a version does not)")
+    if options.get("version") is not None:
+        raise SettingError(f"{path}: models.{name}: follow and version cannot both be set: following promotes what the alias names")
+    return str(ref)

@@ -22,8 +22,8 @@ from app.errors import InvalidModel, ModelNotFound, VersionNotFound
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 VERSION_RE = re.compile(r"[1-9][0-9]{0,17}")
-ARTIFACTS = ("model.onnx", "model.joblib", "model.pkl")
-SOURCE_FORMATS = {"model.onnx": "onnx", "model.joblib": "joblib", "model.pkl": "pickle"}
+ARTIFACTS = ("model.onnx", "model.skops", "model.joblib", "model.pkl")
+SOURCE_FORMATS = {"model.onnx": "onnx", "model.skops": "skops", "model.joblib": "joblib", "model.pkl": "pickle"}
 METADATA = "metadata.json"
 SERVING = "serving.json"
 

@@ -5,10 +5,16 @@ conversion is missing or not verified equivalent.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import onnxruntime as ort
+
+# NOTE: an estimator fitted on a DataFrame (as MLflow users often do) warns on
+# every array it is given; the server always gives arrays, in the order of the
+# model's feature names, so the warning says nothing here.
+warnings.filterwarnings("ignore", message="X does not have valid feature names", category=UserWarning)
 
 
 class Outputs(NamedTuple):

@@ -122,6 +122,16 @@ class Models:
     verify_tolerance: float = setting(1e-5, "Largest probability difference accepted between ONNX and scikit-learn.", between(0, 1))
     reconvert: bool = setting(False, "Convert to ONNX again, at load, the versions whose conversion failed when they "
                                      "were published (after an upgrade of skl2onnx, say).")
+    max_upload_bytes: int = setting(1 << 30, "Largest artifact accepted by the upload endpoint (/api/v1/admin/uploads).",
+                                    between(1, 1 << 40))
+
+
+@dataclass(frozen=True)
+class Mlflow:
+    tracking_uri: str = setting("", "MLflow tracking server for models:/ URIs and followed aliases (empty: MLFLOW_TRACKING_URI).")
+    registry_uri: str = setting("", "MLflow model registry, when it is not the tracking server (empty: MLFLOW_REGISTRY_URI).")
+    follow_interval: float = setting(30.0, "Seconds between checks of the MLflow aliases models follow (0: follow none).",
+                                     between(0, 86400))
 
 
 @dataclass(frozen=True)
@@ -190,6 +200,7 @@ class Settings:
     prediction_log: PredictionLog = field(default_factory=PredictionLog)
     drift: Drift = field(default_factory=Drift)
     cli: Cli = field(default_factory=Cli)
+    mlflow: Mlflow = field(default_factory=Mlflow)
 
     @property
     def bind(self) -> str:
@@ -202,7 +213,7 @@ class Settings:
 
 SECTION_CLASSES = {"server": Server, "redis": Redis, "cache": Cache, "models": Models,
                    "monitoring": Monitoring, "rate_limiting": RateLimiting, "prediction_log": PredictionLog,
-                   "drift": Drift, "cli": Cli}
+                   "drift": Drift, "mlflow": Mlflow, "cli": Cli}
 
 # Short environment names for the settings people change most.
 SHORT_FORMS = {
@@ -212,6 +223,11 @@ SHORT_FORMS = {
     "MLSERVE_URL": ("cli", "url"),
     "MLSERVE_API_KEY": ("cli", "api_key"),
 }
+# MLflow's own variables, as every MLflow client reads them; MLSERVE_MLFLOW_* win.
+MLFLOW_FORMS = {
+    "MLFLOW_TRACKING_URI": ("mlflow", "tracking_uri"),
+    "MLFLOW_REGISTRY_URI": ("mlflow", "registry_uri"),
+}
 
 
 def load(environ: Mapping[str, str] | None = None, path: str | None = None) -> Settings:
@@ -220,6 +236,9 @@ def load(environ: Mapping[str, str] | None = None, path: str | None = None) -> S
     path = path or environ.get(ENV_PREFIX + "CONFIG") or DEFAULT_CONFIG
     raw = read_file(Path(path), required=ENV_PREFIX + "CONFIG" in environ)
     check_environment_names(environ)
+    for env, (section, name) in MLFLOW_FORMS.items():
+        if environ.get(env):
+            raw.setdefault(section, {})[name] = environ[env]
     for section, cls in SECTION_CLASSES.items():
         for f in dataclasses.fields(cls):
             env = f"{ENV_PREFIX}{section.upper()}_{f.name.upper()}"

@@ -7,7 +7,12 @@ version 1 of each into a model repository directory:
   100 MB, published with app.publishing.publish_estimator (converted to ONNX
   and verified, so ONNX Runtime serves it);
 - big_forest_sklearn: the same joblib with no ONNX conversion and no
-  reference sample, so the loader keeps it on scikit-learn.
+  reference sample, so the loader keeps it on scikit-learn;
+- torch_mlp: a torch.nn.Module MLP of the same layers as big_mlp (random
+  weights, about 200 MB), exported to ONNX with app.exporters.export_torch
+  (checked against torch, a Softmax over its logits) and published with
+  app.publishing.Publisher.publish_graph, as `mlserve models publish model.pt
+  --framework torch` does. Needs the torch extra (pip install -e '.[torch]').
 
 Models already built are reused. The default directory, perf/results/bigmodels/,
 is not committed.
@@ -28,7 +33,7 @@ from app.repository import ModelRepository, sha256_of
 from tests.server import ROOT
 
 DEFAULT_DIR = ROOT / "perf" / "results" / "bigmodels"
-MLP, FOREST, FOREST_SKLEARN = "big_mlp", "big_forest", "big_forest_sklearn"
+MLP, FOREST, FOREST_SKLEARN, TORCH_MLP = "big_mlp", "big_forest", "big_forest_sklearn", "torch_mlp"
 MLP_LAYERS = (64, 4096, 8192, 2048, 10)
 # About 1.3 million nodes in all (~130 MB pickled); trains in ~10 s on 2 cores.
 FOREST_DATA = {"n_samples": 50_000, "n_features": 20, "n_informative": 10, "n_classes": 4,
@@ -42,7 +47,7 @@ def is_built(directory: Path, name: str) -> bool:
 
 def ensure(directory: Path = DEFAULT_DIR, names: tuple[str, ...] = (MLP, FOREST, FOREST_SKLEARN)) -> dict:
     """Build the models in names that directory lacks: {name: seconds taken, None when reused}."""
-    builders = {MLP: write_mlp, FOREST: write_forest, FOREST_SKLEARN: write_forest_sklearn}
+    builders = {MLP: write_mlp, FOREST: write_forest, FOREST_SKLEARN: write_forest_sklearn, TORCH_MLP: write_torch_mlp}
     repository = ModelRepository(directory)
     taken = {}
     # The scikit-learn copy reuses the forest's joblib, so the forest comes first.
@@ -142,11 +147,37 @@ def write_forest_sklearn(repository: ModelRepository) -> None:
     repository.add_version(FOREST_SKLEARN, {"model.joblib": source.artifact}, metadata)
 
 
+def write_torch_mlp(repository: ModelRepository) -> None:
+    import torch
+
+    from app.exporters import export_torch
+    from app.lifecycle import Lifecycle
+    from app.publishing import Publisher
+
+    torch.manual_seed(0)
+    layers: list = []
+    for n_in, n_out in zip(MLP_LAYERS, MLP_LAYERS[1:]):
+        layers += [torch.nn.Linear(n_in, n_out), torch.nn.ReLU()]
+    module = torch.nn.Sequential(*layers[:-1]).eval()  # logits out: no ReLU after the last layer
+    example = np.random.default_rng(0).standard_normal((8, MLP_LAYERS[0])).astype(np.float32)
+    started = time.monotonic()
+    exported = export_torch(module, example, output="logits")
+    publisher = Publisher(Lifecycle(repository, 1e-5))
+    publisher.publish_graph(exported.graph, TORCH_MLP, [f"f{i}" for i in range(MLP_LAYERS[0])], "classification",
+                            list(range(MLP_LAYERS[-1])), exported.sample,
+                            {**exported.metadata(), "training_data": "random weights (perf/bigmodels.py)"})
+    print(f"{TORCH_MLP}: exported and published in {time.monotonic() - started:.1f} s; outputs within "
+          f"{exported.max_abs_diff:.2g} of torch", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=DEFAULT_DIR, help=f"repository directory (default {DEFAULT_DIR})")
+    p.add_argument("--models", type=lambda t: tuple(v.strip() for v in t.split(",")),
+                   default=(MLP, FOREST, FOREST_SKLEARN), help=f"comma list of {MLP}, {FOREST}, {FOREST_SKLEARN}, "
+                                                              f"{TORCH_MLP} (default: all but {TORCH_MLP})")
     args = p.parse_args(argv)
-    for name, seconds in ensure(args.out.resolve()).items():
+    for name, seconds in ensure(args.out.resolve(), args.models).items():
         artifacts = sorted((args.out / name / "1").glob("model.*"))
         sizes = ", ".join(f"{f.name} {f.stat().st_size / 1e6:.0f} MB" for f in artifacts)
         print(f"{name}: {sizes}" + (" (reused)" if seconds is None else f" (built in {seconds} s)"))

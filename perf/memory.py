@@ -9,7 +9,7 @@ of the master and of every worker is read. The same run serving only the
 tiny iris_classifier is the imports-only baseline: what a worker costs
 without a big model.
 
-    .venv/bin/python -m perf memory [--workers 1,2,4,8] [--models mlp,forest]
+    .venv/bin/python -m perf memory [--workers 1,2,4,8] [--models mlp,forest,torch_mlp]
 
 Results go to perf/results/memory-<UTC timestamp>/ (results.json,
 results.md); the markdown is also printed.
@@ -47,7 +47,8 @@ MAX_ROUNDS = 3
 # app.metrics flushes each worker's request counts every second.
 FLUSH_WAIT = 1.5
 BASELINE = "iris_classifier"
-MODELS = {"mlp": bigmodels.MLP, "forest": bigmodels.FOREST, "forest_sklearn": bigmodels.FOREST_SKLEARN}
+MODELS = {"mlp": bigmodels.MLP, "forest": bigmodels.FOREST, "forest_sklearn": bigmodels.FOREST_SKLEARN,
+          "torch_mlp": bigmodels.TORCH_MLP}
 PACKAGES = ("gunicorn", "meinheld", "numpy", "onnxruntime", "scikit-learn", "prometheus-client")
 
 

@@ -68,3 +68,12 @@ def redis_server():
 
     with RedisServer() as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def mlflow_server():
+    """One real MLflow tracking server for the session (sqlite, local artifacts)."""
+    from tests.mlflow_server import MLflowServer
+
+    with MLflowServer() as running:
+        yield running

@@ -24,6 +24,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def is_follower(pid: int) -> bool:
+    try:
+        return b"app.server.follower" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # gone
+        return False
+
+
 class Server:
     def __init__(self, models_dir: Path | str, workers: int = 2, env: dict | None = None,
                  models_config: Path | str | None = None, root: Path = ROOT):
@@ -78,7 +85,12 @@ class Server:
 
     def worker_pids(self) -> list[int]:
         children = Path(f"/proc/{self.master_pid}/task/{self.master_pid}/children").read_text().split()
-        return [int(pid) for pid in children]
+        return [int(pid) for pid in children if not is_follower(int(pid))]
+
+    def follower_pid(self) -> int | None:
+        """The master's alias follower process (app/server/follower.py), if it runs one."""
+        children = Path(f"/proc/{self.master_pid}/task/{self.master_pid}/children").read_text().split()
+        return next((int(pid) for pid in children if is_follower(int(pid))), None)
 
     def wait_for_workers(self, count: int, timeout: float = 30.0) -> None:
         """Until the master has exactly `count` workers: all booted, none retiring."""

@@ -110,7 +110,7 @@ def test_user_mistakes_are_one_line_and_status_1(repo, tmp_path, capsys):
     assert "name its column with --target" in one_line_error(capsys, ["train", str(rows), "--name", "m"])
     text = tmp_path / "notes.txt"
     text.write_text("not a model")
-    assert "artifacts are .onnx, .joblib or .pkl" in one_line_error(
+    assert "artifacts are .onnx, .skops, .joblib or .pkl" in one_line_error(
         capsys, ["models", "publish", str(text), "--name", "iris_classifier"])
     fake = tmp_path / "fake.onnx"
     fake.write_bytes(b"not a graph")

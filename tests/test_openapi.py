@@ -99,6 +99,12 @@ def schemathesis_run(url: str, workdir: Path, *extra: str) -> str:
     """schemathesis's own runner (its pytest plugin does not run under this
     pytest): the explicit examples, its coverage cases and EXAMPLES generated
     cases per operation, valid and invalid. Its report, when all passed."""
+    # Every standard method on every path, not QUERY: that method (an HTTP
+    # draft) is refused by meinheld's own request parser before the app sees
+    # the request, by closing the connection; the gthread worker passes it on
+    # and the app answers it with a JSON 405 like any other method it lacks.
+    (workdir / "schemathesis.toml").write_text(
+        '[phases.coverage]\nunexpected-methods = ["get", "put", "post", "delete", "options", "patch", "trace"]\n')
     command = [str(SCHEMATHESIS), "run", f"{url}/openapi.json", "--checks", ",".join(CHECKS),
                "--phases", "examples,coverage,fuzzing", "--max-examples", str(EXAMPLES), "--seed", str(SEED),
                "--workers", "2", "--request-timeout", "30", "--generation-database", "none", "--no-color", *extra]
@@ -125,7 +131,7 @@ def test_the_admin_operations_answer_as_documented_with_the_token(fresh_models, 
     try:
         report = schemathesis_run(admin.url, tmp_path, "--include-tag", "admin",
                                   "-H", "Authorization: Bearer schema-secret")
-        assert "Selected: 5/" in report
+        assert "Selected: 9/" in report  # 5 admin and repository operations, and the 4 of uploads
         assert requests.get(admin.url + "/health", timeout=10).status_code == 200
         assert requests.get(admin.url + "/v2", timeout=10).status_code == 200
     finally:

@@ -7,6 +7,7 @@ then tell running servers (app/cli/servers.py).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -14,8 +15,11 @@ from pathlib import Path
 from app.cli.context import Context
 from app.cli.output import Steps, table
 from app.cli.errors import UsageError
+from app.errors import ModelRefused
 
 TASKS = ("classification", "regression", "clustering")
+FRAMEWORKS = ("torch", "tensorflow")
+OUTPUTS = ("logits", "probabilities", "values")
 
 
 def add_commands(models, add_url) -> None:
@@ -31,18 +35,41 @@ def add_commands(models, add_url) -> None:
     add_url(info)
     info.set_defaults(run=cmd_info)
 
-    publish = models.add_parser("publish", help="add an artifact (.onnx, .joblib, .pkl) as the next version")
-    publish.add_argument("path", type=Path)
-    publish.add_argument("--name", required=True)
-    publish.add_argument("--features", help="comma-separated feature names (default: the current version's)")
+    publish = models.add_parser("publish", help="add a model as the next version: a file (.onnx, .skops, .joblib, "
+                                                ".pkl, .pt, .keras), an MLflow model or SavedModel directory, "
+                                                "or models:/NAME/VERSION or models:/NAME@ALIAS")
+    publish.add_argument("source", help="the artifact, directory or MLflow registry URI")
+    publish.add_argument("--name", help="the model here (required but for models:/ URIs, which default to their MLflow name)")
+    publish.add_argument("--features", help="comma-separated feature names (default: the MLflow signature's, "
+                                            "else the current version's)")
     publish.add_argument("--task", choices=TASKS, help="for a bare .onnx (default: read from its outputs)")
-    publish.add_argument("--classes", help="comma-separated class labels for a bare .onnx classifier")
+    publish.add_argument("--classes", help="comma-separated class labels for an ONNX, PyTorch or TensorFlow classifier")
+    publish.add_argument("--trust", help="comma-separated types a .skops file may hold beyond skops' defaults "
+                                         "(scikit-learn, numpy and scipy types only), e.g. sklearn.tree._tree.Tree")
+    publish.add_argument("--framework", choices=FRAMEWORKS, help="export a PyTorch (.pt) or TensorFlow (.keras, "
+                                                                 "SavedModel) model to ONNX (default: by its name)")
     publish.add_argument("--reference", type=Path, metavar="DATA.csv",
                          help="rows like the training data (a header naming the features), the drift reference; "
                               "without it the version takes the first rows it serves")
+    publish.add_argument("--input-width", type=width, help="features the PyTorch model takes")
+    publish.add_argument("--output", choices=OUTPUTS, help="what a PyTorch or TensorFlow model returns: logits "
+                                                           "(softmax gives probabilities, argmax labels), "
+                                                           "probabilities, or values (regression; the default)")
     publish.add_argument("--promote", action="store_true", help="serve it at once")
     publish.add_argument("--reason", default="")
+    add_remote(publish, add_url)
     publish.set_defaults(run=cmd_publish)
+
+    follow = models.add_parser("follow", help="track an MLflow alias: when it moves, publish and promote the "
+                                              "version it names (checked first)")
+    follow.add_argument("alias", help="NAME@ALIAS or models:/NAME@ALIAS")
+    follow.add_argument("--name", help="the model here (default: the MLflow name)")
+    follow.add_argument("--reason", default="")
+    follow.set_defaults(run=cmd_follow)
+    unfollow = models.add_parser("unfollow", help="stop tracking the MLflow alias a model follows")
+    unfollow.add_argument("name")
+    unfollow.add_argument("--reason", default="")
+    unfollow.set_defaults(run=cmd_unfollow)
 
     promote = models.add_parser("promote", help="serve a version (the old one is kept for rollback)")
     promote.add_argument("name")
@@ -103,19 +130,31 @@ def cmd_info(args, ctx: Context) -> int:
 
 
 def cmd_publish(args, ctx: Context) -> int:
+    from app.cli import sources
+
     features = [f.strip() for f in args.features.split(",")] if args.features else None
     classes = [as_label(c) for c in args.classes.split(",")] if args.classes else None
+    if args.url or ctx.settings.cli.url:  # through that server's admin API (an ONNX or skops upload)
+        answer = sources.publish_there(args, ctx, features, classes)
+        serving = "serving" if answer.get("serving_version") == answer["version"] else \
+            f"not serving (serving v{answer.get('serving_version')})"
+        told = (answer.get("swap") or {}).get("other_hosts_notified")
+        others = "no Redis: other hosts not told" if told is None else f"{told} worker(s) told through Redis"
+        print(f"published {answer['model']} v{answer['version']} ({answer.get('runtime')}) on "
+              f"{args.url or ctx.settings.cli.url}, {serving}; "
+              f"that host is reloading ({others})")
+        return 0
     lifecycle = ctx.lifecycle
     with Steps(sys.stderr) as progress:
-        mv = ctx.publisher.publish(args.path, args.name, features, args.task, classes, reason=args.reason,
-                                   reference=args.reference, progress=progress)
+        mv = sources.publish_here(args, ctx, features, classes, progress)
+    name = mv.name
     runtime = mv.metadata.get("serving_runtime")
-    state = lifecycle.serving_state(args.name)
+    state = lifecycle.serving_state(name)
     if args.promote and state.get("version") != mv.version:
-        lifecycle.promote(args.name, mv.version, reason=args.reason or "published with --promote")
+        lifecycle.promote(name, mv.version, reason=args.reason or "published with --promote")
         state = {"version": mv.version}
     serving = "serving" if state.get("version") == mv.version else \
-        f"not serving (promote with: mlserve models promote {args.name} {mv.version})"
+        f"not serving (promote with: mlserve models promote {name} {mv.version})"
     return ctx.changed(f"published {mv.name} v{mv.version} ({runtime}), {serving}")
 
 
@@ -124,6 +163,36 @@ def add_remote(parser, add_url) -> None:
                     "the repository in models.directory, and running servers are told)")
     parser.add_argument("--api-key", help="an admin key or the server's admin token "
                                           "(default: MLSERVE_API_KEY, else server.admin_token)")
+
+
+def cmd_follow(args, ctx: Context) -> int:
+    from app.alias_follower import AliasFollower, Follow
+    from app.cli.sources import DownloadBar, registry
+    from app.mlflow_models import local_name, parse_model_uri
+
+    ref = parse_model_uri(args.alias)
+    if ref.alias is None:
+        raise UsageError(f"{args.alias!r} names a version; follow takes an alias: NAME@ALIAS")
+    name = local_name(ref, args.name)
+    ctx.lifecycle.allow(name, "follow")
+    mlflow = registry(ctx)
+    follower = AliasFollower(ctx.publisher, ctx.lifecycle, lambda: mlflow, by="")
+    # The first check happens here, so a mistake (no such alias, a model that
+    # fails its checks) is told now; the server's follower takes over from this.
+    outcome = follower.check(Follow(name, ref), DownloadBar())
+    if outcome.result == "failed":
+        raise ModelRefused(f"{ref}: {outcome.detail}")
+    interval = ctx.settings.mlflow.follow_interval
+    every = f"checked every {interval:g} s by the server" if interval else "not checked: mlflow.follow_interval is 0"
+    ctx.changed(f"{name} follows {ref} ({every}): {outcome.detail}")
+    return 1 if outcome.result == "refused" else 0
+
+
+def cmd_unfollow(args, ctx: Context) -> int:
+    from app.alias_follower import AliasFollower
+
+    AliasFollower(ctx.publisher, ctx.lifecycle, lambda: None, by="").stop_following(args.name, reason=args.reason)
+    return ctx.changed(f"{args.name} follows no MLflow alias")
 
 
 def cmd_promote(args, ctx: Context) -> int:
@@ -196,6 +265,12 @@ def parse_split(text: str) -> dict:
         return {int(v): float(w) for v, w in (part.split("=", 1) for part in text.split(","))}
     except ValueError:
         raise UsageError(f"expected VERSION=WEIGHT,...; got {text!r}") from None
+
+
+def width(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of features >= 1, got {text!r}")
+    return int(text)
 
 
 def as_label(text: str):

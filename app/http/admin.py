@@ -3,16 +3,20 @@ or cached. Every call needs `Authorization: Bearer <server.admin_token>`."""
 from __future__ import annotations
 
 import hmac
+import re
 
 import falcon
 
 from app.cache import PredictionCache
 from app.control import ControlChannel
-from app.errors import Forbidden, InvalidField, NotFound, Unauthorized
+from app.errors import Forbidden, InvalidField, MissingField, ModelRefused, NotFound, Unauthorized
 from app.http.resources import read_json, send
 from app.lifecycle import Lifecycle
+from app.publishing import Publisher
 from app.registry import Registry
 from app.reload import ReloadTrigger
+from app.repository import sha256_of
+from app.uploads import PART_BYTES, UploadStore
 
 
 class AdminAuth:
@@ -93,3 +97,102 @@ class ModelAction:
         if action == "shadow":
             return self.lifecycle.shadow(name, body.get("version"), by, reason)
         return self.lifecycle.serving_state(name)
+
+
+class Uploads:
+    """POST /api/v1/admin/uploads starts an upload of an artifact (ONNX or skops)
+    too large for one request body; its parts follow with PATCH /api/v1/admin/uploads/{id}."""
+    endpoint = "admin_upload"
+
+    def __init__(self, auth: AdminAuth, store: UploadStore):
+        self.auth, self.store = auth, store
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        self.auth.check(req)
+        send(resp, {"upload_id": self.store.create(), "part_bytes": PART_BYTES, "max_bytes": self.store.max_bytes},
+             201)
+
+
+class Upload:
+    """PATCH with `Upload-Offset: <bytes so far>` and up to part_bytes of the
+    artifact as the body appends a part; DELETE drops the upload."""
+    endpoint = "admin_upload"
+
+    def __init__(self, auth: AdminAuth, store: UploadStore):
+        self.auth, self.store = auth, store
+
+    def on_patch(self, req: falcon.Request, resp: falcon.Response, upload_id: str) -> None:
+        self.auth.check(req)
+        offset = req.get_header("Upload-Offset")
+        if offset is None or not offset.isdigit():
+            raise InvalidField("a part needs the header Upload-Offset: the number of bytes sent before it")
+        size = self.store.append(upload_id, int(offset), req.bounded_stream, req.content_length)
+        send(resp, {"upload_id": upload_id, "offset": size})
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, upload_id: str) -> None:
+        self.auth.check(req)
+        self.store.data(upload_id)  # NotFound for an unknown upload
+        self.store.remove(upload_id)
+        send(resp, {"upload_id": upload_id, "removed": True})
+
+
+class ModelVersions:
+    """POST /api/v1/admin/models/{name}/versions publishes an upload as the next
+    version of name, with the same checks as `mlserve models publish`:
+    {"upload": ID, "format": "onnx"|"skops", "sha256": HEX, "features": [...],
+     "task": ..., "classes": [...], "trusted_types": [...], "reference_sample": [[...]],
+     "promote": false, "reason": ...}; only upload and format are required."""
+    endpoint = "admin_model"
+    TASKS = ("classification", "regression", "clustering")
+
+    def __init__(self, auth: AdminAuth, publisher: Publisher, reloads: ReloadTrigger, store: UploadStore,
+                 max_body_bytes: int):
+        self.auth, self.publisher, self.reloads, self.store = auth, publisher, reloads, store
+        self.lifecycle = publisher.lifecycle
+        self.limit = max_body_bytes
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
+        self.auth.check(req)
+        body = read_json(req, self.limit)
+        given = publish_fields(body, self.TASKS)
+        path = self.store.artifact(given.pop("upload"), given.pop("format"))
+        expected = given.pop("sha256")
+        if expected and sha256_of(path) != expected.lower():
+            raise ModelRefused(f"the upload's sha256 is {sha256_of(path)[:12]}..., the client sent {expected[:12]}...")
+        promote, reason = given.pop("promote"), given.pop("reason")
+        by = f"admin-api@{req.remote_addr}"
+        # NOTE: never a pickle (allow_pickle); a skops model must convert to a
+        # verified ONNX graph, so the master never rebuilds an object that came over the network.
+        mv = self.publisher.publish(path, name, by=by, reason=reason, allow_pickle=False,
+                                    require_onnx=path.name == "model.skops", **given)
+        self.store.remove(path.parent.name)
+        if promote and self.lifecycle.current(name) != mv.version:
+            self.lifecycle.promote(name, mv.version, by, reason or "published with promote")
+        state = self.lifecycle.serving_state(name)
+        send(resp, {"model": name, "version": mv.version, "runtime": mv.metadata.get("serving_runtime"),
+                    "sha256": mv.metadata.get("sha256"), "serving_version": state.get("version"),
+                    "swap": self.reloads.request(f"publish {name} v{mv.version}")}, 201)
+
+
+def publish_fields(body: dict, tasks: tuple[str, ...]) -> dict:
+    """The publish request's fields, checked: InvalidField or MissingField names the first bad one."""
+    if not isinstance(body.get("upload"), str):
+        raise MissingField("upload (the id POST /api/v1/admin/uploads gave) is required")
+    if body.get("format") not in ("onnx", "skops"):
+        raise InvalidField("format must be onnx or skops: a pickle is never loaded from the network")
+    sha = body.get("sha256")
+    if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha)):
+        raise InvalidField("sha256 must be 64 hex digits")
+    checks = {"features": lambda v: isinstance(v, list) and v and all(isinstance(x, str) and x for x in v),
+              "task": lambda v: v in tasks,
+              "classes": lambda v: isinstance(v, list) and v and all(type(x) in (str, int) for x in v),
+              "trusted_types": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+              "reference_sample": lambda v: isinstance(v, list) and 0 < len(v) <= 64 and all(isinstance(r, list) for r in v),
+              "promote": lambda v: type(v) is bool, "reason": lambda v: isinstance(v, str)}
+    for key, ok in checks.items():
+        if body.get(key) is not None and not ok(body[key]):
+            raise InvalidField(f"{key} has the wrong type or is empty")
+    return {"upload": body["upload"], "format": body["format"], "sha256": sha,
+            "feature_names": body.get("features"), "task": body.get("task"), "classes": body.get("classes"),
+            "trusted": body.get("trusted_types"), "sample": body.get("reference_sample"),
+            "promote": bool(body.get("promote")), "reason": body.get("reason") or ""}

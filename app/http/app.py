@@ -17,10 +17,12 @@ from app.inference import Predictor
 from app.lifecycle import Lifecycle
 from app.metrics import Metrics
 from app.predictions import PredictionLog
+from app.publishing import Publisher
 from app.registry import Registry
 from app.reload import ReloadTrigger
 from app.settings import Settings
 from app.shadow import ShadowScorer
+from app.uploads import UploadStore
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,11 @@ def create_app(settings: Settings, registry: Registry, metrics: Metrics, started
     if lifecycle is not None and reloads is not None:
         app.add_route("/api/v1/admin/models/{name}/{action}",
                       admin.ModelAction(auth, registry, lifecycle, reloads, limit))
+        uploads = UploadStore(lifecycle.repository.root, settings.models.max_upload_bytes)
+        app.add_route("/api/v1/admin/uploads", admin.Uploads(auth, uploads))
+        app.add_route("/api/v1/admin/uploads/{upload_id}", admin.Upload(auth, uploads))
+        app.add_route("/api/v1/admin/models/{name}/versions",
+                      admin.ModelVersions(auth, Publisher(lifecycle), reloads, uploads, limit))
     if settings.monitoring.prometheus_enabled:
         app.add_route("/metrics", resources.MetricsText(metrics))
     v2.add_routes(app, registry, predictor, auth, limit, lifecycle, reloads)

@@ -57,13 +57,25 @@ def when_ready(server) -> None:
     settings = service().settings
     runtime.write_pid_file(Path(settings.pid_path), settings.models.directory)
     freeze()
+    running = service()
+    running.follower.ensure(running)
 
 
 def on_reload(server) -> None:
     # SIGHUP: the master loads what changed, then Gunicorn forks new workers
     # from it and retires the old ones gracefully.
-    service().reload()
+    running = service()
+    running.reload()
     freeze()
+    # What is followed may have changed (mlserve models follow reloads).
+    running.follower.ensure(running)
+
+
+def on_exit(server) -> None:
+    from app.server import wsgi
+
+    if wsgi._service is not None:  # None when loading the app failed
+        wsgi._service.follower.stop()
 
 
 def freeze() -> None:

@@ -12,7 +12,7 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +30,7 @@ from app.predictions import PredictionLog
 from app.registry import Registry
 from app.reload import ReloadTrigger
 from app.repository import ModelRepository
+from app.server.follower import FollowerProcess
 from app.settings import SettingError, Settings
 from app.shadow import ShadowScorer
 from app.sinks import CloudEventSink, FileSink, RedisStreamSink, Sink
@@ -49,6 +50,7 @@ class Service:
     app: falcon.App
     predictions: PredictionLog
     drift: DriftMonitor | None
+    follower: FollowerProcess = field(default_factory=FollowerProcess)
 
     def reload(self) -> None:
         """In the master, on SIGHUP: apply repository and config changes before
