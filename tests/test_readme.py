@@ -26,7 +26,7 @@ from tests.wait import until
 
 BLOCK = re.compile(r"^```(\w*)\n(.*?)^```$", re.M | re.S)
 RUN = ("sh", "python")
-SHOWN = ("json", "text")
+SHOWN = ("json", "text", "")
 # Fields whose values differ from run to run, or from worker to worker.
 VARIABLE = {"timestamp", "latency_ms", "total_latency_ms", "uptime_seconds", "created", "sha256", "from_cache",
             "cache_hits"}
@@ -49,14 +49,17 @@ class Example:
 
 
 def examples(text: str) -> list[Example]:
+    """The runnable blocks, each with the answer shown in the fenced block right after it, if any."""
     found: list[Example] = []
+    previous = None
     for match in BLOCK.finditer(text):
         language, body = match.group(1), match.group(2)
         line = text.count("\n", 0, match.start()) + 1
         if language in RUN:
             found.append(Example(language, body, None, None, line))
-        elif language in SHOWN and found and found[-1].shown is None:
-            found[-1].shown_language, found[-1].shown = language, body
+        elif language in SHOWN and previous in RUN:
+            found[-1].shown_language, found[-1].shown = language or "text", body
+        previous = language
     return found
 
 
@@ -70,6 +73,14 @@ def documents(text: str) -> list:
         document, at = decoder.raw_decode(text, at)
         found.append(document)
     return found
+
+
+def is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def masked(line: str) -> str:
@@ -102,7 +113,7 @@ def compare_lines(shown: str, got: str) -> None:
         if line == "…":
             return
         assert i < len(actual), f"missing line {i + 1}: {line!r}\ngot:\n{got}"
-        if line.startswith("{"):
+        if line.startswith("{") and is_json(line):
             compare_json(json.loads(line), json.loads(actual[i]), f"line {i + 1}")
         else:
             assert masked(actual[i]) == masked(line), f"line {i + 1}:\n  got  {actual[i]!r}\n  want {line!r}"
@@ -134,7 +145,10 @@ def test_every_example_in_the_readme_runs_and_answers_as_shown(reader):
         done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, f"{example}\nexit {done.returncode}\n{done.stdout}\n{done.stderr}"
         if example.shown_language == "json":
-            got = documents(done.stdout)
+            try:
+                got = documents(done.stdout)
+            except json.JSONDecodeError:
+                raise AssertionError(f"{example}\nprinted what is not JSON:\n{done.stdout}") from None
             shown = [json.loads(line) for line in example.shown.splitlines() if line.strip()]
             assert len(got) == len(shown), f"{example}\ngot:\n{done.stdout}"
             for a, b in zip(shown, got):

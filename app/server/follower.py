@@ -87,11 +87,12 @@ def main(argv: list[str]) -> int:
     from app.publishing import Publisher
     from app.reload import ReloadTrigger
     from app.repository import ModelRepository
-    from app.server.wsgi import configure_logging
+    from app import logs
 
     master_pid, host_id = int(argv[0]), argv[1]
     settings = settings_module.load()
-    configure_logging(settings.monitoring.log_level)
+    logs.configure(settings.monitoring.log_level)
+    logs.quiet_library_warnings()
     repository = ModelRepository(Path(settings.models.directory))
     lifecycle = Lifecycle(repository, settings.models.verify_tolerance,
                           lambda: read_plan(Path(settings.models.config)))
