@@ -91,3 +91,20 @@ class ModelRefused(ServingError):
 class InvalidData(ServingError):
     """Data handed to the CLI or the core (a training CSV, say) that cannot be used as it is."""
     status, code = 422, "invalid_data"
+
+
+class DeadlineExceeded(ServingError):
+    """The request's deadline passed before its answer was ready."""
+    status, code = 504, "deadline_exceeded"
+
+
+class InvalidHeader(ServingError):
+    status, code = 400, "invalid_header"
+
+
+class UriTooLong(ServingError):
+    status, code = 414, "uri_too_long"
+
+
+class HeaderTooLarge(ServingError):
+    status, code = 431, "header_too_large"

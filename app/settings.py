@@ -86,6 +86,8 @@ class Server:
                                        gunicorn="max_requests_jitter")
     max_body_bytes: int = setting(1_048_576, "Largest request body accepted; larger gets 413.", between(64, 1 << 30))
     max_batch_rows: int = setting(10_000, "Most rows in one batch_predict; more gets 413.", between(1, 10_000_000))
+    request_timeout_ms: int = setting(10_000, "Milliseconds a request may take before it is answered 504 (clients may "
+                                      "ask for less with X-Request-Timeout; 0: no deadline).", between(0, 3_600_000))
     allow_unknown_fields: bool = setting(False, "Accept request fields the API does not know (clients that add their "
                                          "own metadata); off: 422 naming the field.")
     cors_origins: str = setting("", "Comma-separated origins allowed by CORS ('*' for any; empty: CORS off).")

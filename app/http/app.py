@@ -12,6 +12,7 @@ from app.drift import DriftMonitor
 from app.http import admin, errors, openapi, resources, v2
 from app.http.drift import ModelDrift
 from app.http.ratelimit import RateLimit
+from app.http.limits import RequestLimits
 from app.http.tracing import RequestTrace
 from app.inference import Predictor
 from app.lifecycle import Lifecycle
@@ -58,7 +59,8 @@ def create_app(settings: Settings, registry: Registry, metrics: Metrics, started
                shadow: ShadowScorer | None = None, drain: Drain | None = None,
                predictions: PredictionLog | None = None, drift: DriftMonitor | None = None) -> falcon.App:
     """The WSGI app over the given parts; builds nothing but the app itself."""
-    middleware: list = [RequestTrace(predictions), RequestMetrics(metrics, drain or Drain())]
+    middleware: list = [RequestTrace(predictions), RequestMetrics(metrics, drain or Drain()),
+                        RequestLimits(settings.server.request_timeout_ms)]
     if settings.server.cors_origins:
         origins = settings.server.cors_origins
         middleware.append(falcon.CORSMiddleware(
