@@ -67,8 +67,11 @@ class RateLimited(ServingError):
     status, code = 429, "rate_limited"
 
 
-class InvalidModel(Exception):
-    """An artifact that must not go live (bad checksum, fails to load or verify)."""
+class InvalidModel(ServingError):
+    """An artifact, or a model's files, that must not go live (bad checksum,
+    fails to load or verify, an unreadable serving.json). Reloads catch it and
+    keep what serves; a request that meets it is answered 422."""
+    status, code = 422, "model_refused"
 
 
 class Unauthorized(ServingError):

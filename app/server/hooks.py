@@ -45,10 +45,12 @@ def check_models_config(settings) -> None:
 
 
 def on_starting(server) -> None:
-    # Files left by an earlier run would be counted as this run's.
+    # Files left by an earlier run would be counted as this run's. The
+    # master's own (made as the app loaded, before this hook) stay: it counts
+    # the workers that die.
     path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     for name in os.listdir(path):
-        if name.endswith(".db"):
+        if name.endswith(".db") and not name.endswith(f"_{os.getpid()}.db"):
             os.unlink(os.path.join(path, name))
 
 

@@ -15,6 +15,13 @@ started. That callback then goes on accepting queued connections and, for
 each, re-arms the read timeout on the listening socket (meinheld passes the
 listener's fd there), replacing the stop timer set a moment before; the
 worker then served the old model until Gunicorn's graceful timeout.
+
+meinheld's own worker also replaces gunicorn's Logger.error and
+Logger.access with functions of other arguments, on the class, in the
+master (where Gunicorn makes each worker object before it forks): the
+master's next error line (a worker SIGKILLed, "Perhaps out of memory?")
+then raised inside its main loop and the whole server died. This worker
+puts them back and hands meinheld loggers of its own.
 """
 from __future__ import annotations
 
@@ -25,8 +32,10 @@ import signal
 # meinheld imports greenlet at its first request; imported here, it is done
 # once in the master rather than in each worker's first request.
 import greenlet  # noqa: F401
+from gunicorn.glogging import Logger
 from meinheld import server
 from meinheld.gmeinheld import MeinheldWorker as _MeinheldWorker
+from meinheld.mlogging import _access, _error
 
 # Connections still open this long after SIGTERM (idle keep-alives) are closed.
 DRAIN_SECONDS = 1
@@ -39,10 +48,32 @@ HTTP_BODY_CAP = 64 << 20
 TICK_SECONDS = 1
 
 
+class MeinheldLogs:
+    """What meinheld calls: error(type, value, traceback) and access(environ),
+    written through gunicorn's logger."""
+
+    def __init__(self, log: Logger):
+        self.log = log
+
+    def error(self, exc_type, value, tb) -> None:
+        _error(self.log, exc_type, value, tb)
+
+    def access(self, environ) -> None:
+        _access(self.log, environ)
+
+
 class MeinheldWorker(_MeinheldWorker):
     # Set by the post_worker_init hook (app/server/hooks.py) before run().
     drain = None
     max_body_bytes = 0
+
+    def __init__(self, *args, **kwargs):
+        error, access = Logger.error, Logger.access
+        super().__init__(*args, **kwargs)
+        Logger.error, Logger.access = error, access
+        logs = MeinheldLogs(self.log)
+        server.set_error_logger(logs)
+        server.set_access_logger(None if self.cfg.accesslog is self.cfg.logconfig is None else logs)
 
     def run(self):
         # meinheld reads a whole body before the app sees it (HTTP_BODY_CAP).
