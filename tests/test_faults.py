@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from app.server import hooks
 from tests.load import Load
 from tests.server import Server
 from tests.wait import until
@@ -131,3 +133,58 @@ def test_a_killed_worker_is_replaced_losing_at_most_its_requests_in_flight(demo_
         assert ok - unflushed <= counted <= ok
         assert metric_total(server.url, "mlserve_worker_unexpected_exits_total") == 1
         assert other in server.worker_pids()
+
+
+def steady_workers(server: Server, count: int, before: set[int], quiet: float = 4.0) -> int:
+    """Wait until the master has `count` workers, none of `before`, and has
+    forked no other for `quiet` seconds; how many generations of workers it forked."""
+    seen, changed = set(before), time.monotonic()
+    deadline = changed + 120
+    while time.monotonic() < deadline:
+        pids = set(server.worker_pids())
+        if pids - seen:
+            seen |= pids
+            changed = time.monotonic()
+        if len(pids) == count and not pids & before and time.monotonic() - changed > quiet:
+            return -(-len(seen - before) // count)
+        time.sleep(0.05)
+    raise AssertionError(f"workers never settled: {server.worker_pids()}")
+
+
+def test_ten_sighups_in_a_second_end_in_one_state_with_no_failed_request(fresh_models):
+    shutil.copytree(fresh_models / "iris_classifier" / "1", fresh_models / "iris_classifier" / "2")
+    with Server(fresh_models, workers=2) as server:
+        server.wait_for_workers(2)
+        before = set(server.worker_pids())
+        with Load(server.url, threads=4) as load:
+            load.wait_for_answers(100)
+            state = json.loads((fresh_models / "iris_classifier" / "serving.json").read_text())
+            (fresh_models / "iris_classifier" / "serving.json").write_text(json.dumps({**state, "version": 2}))
+            for _ in range(10):
+                os.kill(server.master_pid, signal.SIGHUP)
+                time.sleep(0.1)
+            swaps = steady_workers(server, 2, before)
+            since = time.monotonic()
+            load.wait_for_answers(load.count() + 100)
+        assert load.failures == []
+        assert load.versions_since(since) == {2}
+        assert requests.get(server.url + "/api/v1/models/iris_classifier", timeout=10).json()["version"] == 2
+        assert not any(alive(pid) for pid in before)
+        print(f"\nten SIGHUPs: {swaps} generation(s) of workers, {load.count()} requests, none failed")
+
+
+class Arbiter:
+    def __init__(self, *signals):
+        self.SIG_QUEUE = queue.SimpleQueue()
+        for sig in signals:
+            self.SIG_QUEUE.put_nowait(sig)
+
+
+def test_sighups_queued_during_a_reload_are_answered_by_it_and_other_signals_kept_in_order():
+    server = Arbiter(signal.SIGHUP, signal.SIGCHLD, signal.SIGHUP, signal.SIGTTIN, signal.SIGHUP)
+    assert hooks.fold_queued_reloads(server) == 3
+    left = []
+    while not server.SIG_QUEUE.empty():
+        left.append(server.SIG_QUEUE.get_nowait())
+    assert left == [signal.SIGCHLD, signal.SIGTTIN]
+    assert hooks.fold_queued_reloads(Arbiter()) == 0
