@@ -111,3 +111,8 @@ class UriTooLong(ServingError):
 
 class HeaderTooLarge(ServingError):
     status, code = 431, "header_too_large"
+
+
+class InsufficientStorage(ServingError):
+    """The models directory is full; what was asked for was not written."""
+    status, code = 507, "insufficient_storage"

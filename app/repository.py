@@ -5,6 +5,8 @@ version that could become a path is validated here first.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import getpass
 import hashlib
 import json
@@ -13,12 +15,13 @@ import re
 import shutil
 import socket
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from app.clock import utc_now
-from app.errors import InvalidModel, ModelNotFound, VersionNotFound
+from app.errors import InsufficientStorage, InvalidModel, ModelNotFound, VersionNotFound
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 VERSION_RE = re.compile(r"[1-9][0-9]{0,17}")
@@ -112,28 +115,49 @@ class ModelRepository:
         return ModelVersion(name, version, path, metadata)
 
     def add_version(self, name: str, files: dict[str, Path], metadata: dict,
-                    check: Callable[[ModelVersion], None] | None = None,
+                    check: Callable[[ModelVersion], dict | None] | None = None,
                     by: str = "", reason: str = "") -> ModelVersion:
         """Copy files into the next version directory with metadata; atomic by
-        rename, after check (if given) accepted the staged version. The first
-        version of a model becomes its serving version."""
+        rename, after check (if given) accepted the staged version; what check
+        returns (a dict) is added to the metadata. The first version of a model
+        becomes its serving version. Publishes of one model at once each get
+        their own version; a full disk refuses the publish and leaves nothing."""
         check_name(name)
         folder = self.root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
-        try:
-            staging.chmod(0o755)
-            for filename, source in files.items():
-                shutil.copyfile(source, staging / filename)
-            version = self.next_version(name)
-            metadata = {**metadata, "name": name, "version": version}
-            (staging / METADATA).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
-            if check is not None:
-                check(ModelVersion(name, version, staging, {"artifact": find_artifact(staging), **metadata}))
+        with storage(f"publishing {name}"):
+            folder.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
+            try:
+                staging.chmod(0o755)
+                for filename, source in files.items():
+                    shutil.copyfile(source, staging / filename)
+                metadata = {**metadata, "name": name, "version": self.next_version(name)}
+                write_json(staging / METADATA, metadata)
+                if check is not None:
+                    found = check(ModelVersion(name, metadata["version"], staging,
+                                               {"artifact": find_artifact(staging), **metadata}))
+                    metadata.update(found or {})  # what only the staged version could tell (its measured cost)
+                version = self.commit(folder, staging, metadata)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            try:
+                self.record_publish(name, version, by, reason)
+            except BaseException:
+                shutil.rmtree(folder / str(version), ignore_errors=True)  # a version without its history entry
+                raise
+        return self.get(name, version)
+
+    def commit(self, folder: Path, staging: Path, metadata: dict) -> int:
+        """Rename staging to the next free version number, taken under the
+        model's lock so two publishes never claim the same one; that number."""
+        with locked(folder / ".publish.lock"):
+            version = metadata["version"] = self.next_version(folder.name)  # may differ from the one checked with
+            write_json(staging / METADATA, metadata)
             os.rename(staging, folder / str(version))
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        return version
+
+    def record_publish(self, name: str, version: int, by: str, reason: str) -> None:
         if self.serving_state(name) is None:
             # No serving state yet: what served before (the newest) still does;
             # the first version of a new model serves at once.
@@ -141,7 +165,6 @@ class ModelRepository:
             self.record(name, "publish", version, by, reason, {"version": older[-1] if older else version})
         else:
             self.record(name, "publish", version, by, reason, {})
-        return self.get(name, version)
 
     def serving_state(self, name: str) -> dict | None:
         """The model's serving.json: version, previous, split, shadow, history; None if absent."""
@@ -155,23 +178,52 @@ class ModelRepository:
         return state if isinstance(state, dict) else None
 
     def record(self, name: str, action: str, version: int | None, by: str, reason: str, changes: dict) -> dict:
-        """Apply changes to serving.json and append who/when/why to its history."""
-        state = self.serving_state(name) or {"version": None, "previous": None, "split": None,
-                                             "shadow": None, "history": []}
-        state.update(changes)
-        state["history"].append({"at": utc_now(precise=False),
-                                 "by": by or default_actor(), "action": action, "version": version,
-                                 "reason": reason or None})
+        """Apply changes to serving.json and append who/when/why to its history;
+        one writer at a time, so no change is lost to another made at once."""
         path = self.root / name / SERVING
-        tmp = path.with_name(f".{SERVING}.{os.getpid()}")
-        tmp.write_text(json.dumps(state, indent=2) + "\n")
-        os.replace(tmp, path)  # readers never see half a file
+        with storage(f"recording {action} of {name}"), locked(path.with_name(".serving.lock")):
+            state = self.serving_state(name) or {"version": None, "previous": None, "split": None,
+                                                 "shadow": None, "history": []}
+            state.update(changes)
+            state["history"].append({"at": utc_now(precise=False),
+                                     "by": by or default_actor(), "action": action, "version": version,
+                                     "reason": reason or None})
+            tmp = path.with_name(f".{SERVING}.{os.getpid()}")
+            try:
+                tmp.write_text(json.dumps(state, indent=2) + "\n")
+                os.replace(tmp, path)  # readers never see half a file
+            finally:
+                tmp.unlink(missing_ok=True)
         return state
 
     def next_version(self, name: str) -> int:
         folder = self.root / name
         taken = [int(p.name) for p in folder.iterdir() if VERSION_RE.fullmatch(p.name)] if folder.is_dir() else []
         return max(taken, default=0) + 1
+
+
+def write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2, default=str) + "\n")
+
+
+@contextmanager
+def locked(path: Path):
+    """An exclusive lock on path (created if missing) for the with block, across processes."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+@contextmanager
+def storage(what: str):
+    """Turn a full disk or quota into InsufficientStorage naming what was refused."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        raise InsufficientStorage(f"{what} refused: the models directory is out of space "
+                                  f"({exc.strerror}); nothing was written") from None
 
 
 def default_actor() -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from app.errors import BodyTooLarge, Conflict, InvalidField, NotFound
+from app.repository import storage
 
 PART_BYTES = 8 << 20
 CHUNK = 1 << 20
@@ -41,8 +42,9 @@ class UploadStore:
         self.sweep()
         upload_id = uuid.uuid4().hex
         folder = self.root / upload_id
-        folder.mkdir(parents=True)
-        (folder / DATA).touch()
+        with storage("a new upload"):
+            folder.mkdir(parents=True)
+            (folder / DATA).touch()
         return upload_id
 
     def append(self, upload_id: str, offset: int, stream: BinaryIO, length: int | None) -> int:
@@ -57,19 +59,27 @@ class UploadStore:
             if offset != size:
                 raise Conflict(f"upload {upload_id} has {size} bytes; a part at offset {offset} does not follow on",
                                offset=size)
-            written = 0
-            while length is None or written < length:
-                chunk = stream.read(min(CHUNK, (length - written) if length is not None else CHUNK))
-                if not chunk:
-                    break
-                written += len(chunk)
-                if written > PART_BYTES or size + written > self.max_bytes:
-                    f.truncate(size)
-                    limit = PART_BYTES if written > PART_BYTES else self.max_bytes
-                    raise BodyTooLarge(f"over the limit of {limit} bytes "
-                                       f"({'a part' if limit == PART_BYTES else 'models.max_upload_bytes'})")
-                f.write(chunk)
-            return size + written
+            try:
+                with storage(f"the part at offset {offset} of upload {upload_id}"):
+                    return size + self.write_part(f, size, stream, length)
+            except BaseException:
+                f.truncate(size)  # a part is whole or absent: the client resends it from the same offset
+                raise
+
+    def write_part(self, f: BinaryIO, size: int, stream: BinaryIO, length: int | None) -> int:
+        written = 0
+        while length is None or written < length:
+            chunk = stream.read(min(CHUNK, (length - written) if length is not None else CHUNK))
+            if not chunk:
+                break
+            written += len(chunk)
+            if written > PART_BYTES or size + written > self.max_bytes:
+                limit = PART_BYTES if written > PART_BYTES else self.max_bytes
+                raise BodyTooLarge(f"over the limit of {limit} bytes "
+                                   f"({'a part' if limit == PART_BYTES else 'models.max_upload_bytes'})")
+            f.write(chunk)
+        f.flush()  # a full disk shows here, inside the part, not at close
+        return written
 
     def artifact(self, upload_id: str, form: str) -> Path:
         """The whole upload as the artifact of its format (model.onnx or model.skops)."""

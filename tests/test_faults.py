@@ -11,14 +11,20 @@ import queue
 import shutil
 import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import redis
 import requests
 
+from app.repository import ModelRepository
 from app.server import hooks
 from tests.load import Load
+from tests.redis_server import RedisServer
 from tests.server import Server
 from tests.wait import until
 
@@ -188,3 +194,146 @@ def test_sighups_queued_during_a_reload_are_answered_by_it_and_other_signals_kep
         left.append(server.SIG_QUEUE.get_nowait())
     assert left == [signal.SIGCHLD, signal.SIGTTIN]
     assert hooks.fold_queued_reloads(Arbiter()) == 0
+
+
+TOKEN = "faults-admin-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+MLSERVE = Path(sys.executable).with_name("mlserve")
+
+
+def levels_since(load: Load, since: float) -> list:
+    with load.lock:
+        return [a.body.get("from_cache") for a in load.answers if a.at >= since and a.body]
+
+
+def redis_answers(url: str) -> bool:
+    try:
+        return redis.Redis.from_url(url, socket_timeout=0.05).ping()
+    except redis.RedisError:
+        return False
+
+
+def workers_notified(server: Server) -> int:
+    answer = requests.post(server.url + "/api/v1/admin/cache/invalidate", headers=AUTH, json={}, timeout=10)
+    return answer.json()["workers_notified"]
+
+
+def test_a_redis_that_stalls_then_stops_for_ten_seconds_fails_no_request_and_everything_recovers(demo_models):
+    env = {"MLSERVE_SERVER_ADMIN_TOKEN": TOKEN, "MLSERVE_REDIS_SOCKET_TIMEOUT": "0.1",
+           "MLSERVE_CACHE_BREAKER_FAILURES": "3", "MLSERVE_CACHE_BREAKER_RESET": "1",
+           "MLSERVE_CACHE_L1_MAX_ENTRIES": "0"}  # every prediction asks Redis
+    with RedisServer() as redis_server:
+        env["MLSERVE_REDIS_URL"] = redis_server.url
+        with Server(demo_models, workers=2, env=env) as server:
+            until(lambda: workers_notified(server) == 2, what="both workers on the control channel")
+            with Load(server.url, payload={**IRIS, "use_cache": True}, threads=2) as load:
+                until(lambda: levels_since(load, 0).count("l2") >= 20, what="L2 hits")
+                # Stalled: Redis takes 3 s to answer anything.
+                patient = redis.Redis.from_url(redis_server.url, socket_timeout=30)
+                sleeper = threading.Thread(target=lambda: patient.execute_command("DEBUG", "SLEEP", 3))
+                sleeper.start()
+                until(lambda: not redis_answers(redis_server.url), what="Redis stalls")
+                load.wait_for_answers(load.count() + 200)
+                assert sleeper.is_alive(), "200 answers came while Redis slept: none waited for it"
+                sleeper.join()
+                # Stopped for ten seconds, then back on the same port.
+                redis_server.stop()
+                down = time.monotonic()
+                until(lambda: metric_total(server.url, "mlserve_cache_breaker_transitions_total", state="open") > 0,
+                      what="the breaker opens")
+                threading.Event().wait(max(0.0, down + 10 - time.monotonic()))  # the outage lasts 10 s
+                during = levels_since(load, down + 1)
+                redis_server.start()
+                up = time.monotonic()
+                until(lambda: "l2" in levels_since(load, up), timeout=30, what="L2 hits resume by themselves")
+                until(lambda: workers_notified(server) == 2, timeout=30, what="the control channel resubscribes")
+        assert load.failures == []
+        assert len(during) > 100 and set(during) == {False}  # served, uncached, while Redis was away
+        print(f"\nRedis stalled 3 s then stopped 10 s: {load.count()} requests, none failed")
+
+
+def mlserve(env: dict, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(MLSERVE), *argv], env=env, capture_output=True, text=True, timeout=180)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB filesystem of its own (tmpfs, mounted as root), removed after the test."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                             capture_output=True, text=True)
+    assert mounted.returncode == 0, f"this test mounts a small tmpfs and needs root: {mounted.stderr}"
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def files_under(root: Path) -> dict:
+    """Every path under root but uploads, with its content."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(root.rglob("*")) if ".uploads" not in p.parts}
+
+
+def fill(disk: Path, leave: int) -> Path:
+    ballast = disk / "ballast"
+    stat = os.statvfs(disk)
+    ballast.write_bytes(b"\0" * max(0, stat.f_bavail * stat.f_frsize - leave))
+    return ballast
+
+
+def test_a_full_models_directory_refuses_a_publish_with_the_reason_and_leaves_nothing(demo_models, small_disk,
+                                                                                      tmp_path):
+    models = small_disk / "models"
+    shutil.copytree(demo_models, models)
+    artifact = tmp_path / "model.onnx"
+    shutil.copyfile(models / "iris_classifier" / "1" / "model.onnx", artifact)
+    with Server(models, workers=2, env={"MLSERVE_SERVER_ADMIN_TOKEN": TOKEN}) as server:
+        server.wait_for_workers(2)
+        publish = ("models", "publish", str(artifact), "--name", "iris_classifier")
+        before = files_under(models)
+        ballast = fill(small_disk, leave=32 << 10)  # less than the artifact
+        with Load(server.url, threads=2) as load:
+            load.wait_for_answers(50)
+            cli = mlserve(server.env, *publish)
+            upload = requests.post(server.url + "/api/v1/admin/uploads", headers=AUTH, timeout=10).json()["upload_id"]
+            part = requests.patch(f"{server.url}/api/v1/admin/uploads/{upload}", data=artifact.read_bytes(),
+                                  headers={**AUTH, "Upload-Offset": "0"}, timeout=30)
+            load.wait_for_answers(load.count() + 50)
+        assert cli.returncode == 1 and "out of space" in cli.stderr and "nothing was written" in cli.stderr
+        assert "Traceback" not in cli.stderr
+        assert part.status_code == 507 and part.json()["error"]["code"] == "insufficient_storage"
+        assert (models / ".uploads" / upload / "data").stat().st_size == 0  # the part is absent, not half there
+        assert files_under(models) == before  # no staging directory, no version 2, serving.json as it was
+        assert load.failures == []
+        ballast.unlink()
+        again = mlserve(server.env, *publish)
+        assert again.returncode == 0, again.stderr
+        assert ModelRepository(models).versions("iris_classifier") == [1, 2]  # no number was used up
+
+
+def test_two_publishes_of_one_model_at_once_get_distinct_whole_versions(fresh_models, tmp_path):
+    artifact = tmp_path / "model.onnx"
+    shutil.copyfile(fresh_models / "iris_classifier" / "1" / "model.onnx", artifact)
+    with Server(fresh_models, workers=2) as server:
+        server.wait_for_workers(2)
+        with Load(server.url, threads=2) as load:
+            load.wait_for_answers(50)
+            both = [subprocess.Popen([str(MLSERVE), "models", "publish", str(artifact), "--name", "iris_classifier",
+                                      "--reason", f"publish {i}"], env=server.env, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+            outcomes = [(p.wait(180), p.stderr.read()) for p in both]
+            load.wait_for_answers(load.count() + 50)
+        assert load.failures == []
+    assert [code for code, _ in outcomes] == [0, 0], outcomes
+    repository = ModelRepository(fresh_models)
+    assert repository.versions("iris_classifier") == [1, 2, 3]
+    for version in (2, 3):
+        published = repository.get("iris_classifier", version)
+        assert published.metadata["version"] == version
+        published.checked_file("model.onnx", "sha256")  # whole: its artifact matches its recorded hash
+    history = repository.serving_state("iris_classifier")["history"]
+    publishes = {(h["version"], h["reason"]) for h in history if h["action"] == "publish"}
+    assert {v for v, _ in publishes} >= {2, 3} and {r for _, r in publishes} >= {"publish 0", "publish 1"}
+    assert not list((fresh_models / "iris_classifier").glob(".staging-*"))
