@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from perf import host, loadgen  # noqa: E402
+from perf import machine  # noqa: E402
+from perf.measure import TIMEOUT_SECONDS, parse_wrk, wrk_command  # noqa: E402
 from perf.scenarios import SCENARIOS, Scenario, sample_body  # noqa: E402
 from tests.nginx import Nginx  # noqa: E402
 from tests.server import Server  # noqa: E402
@@ -70,13 +71,13 @@ def demo_models(tmp: Path) -> Path:
 
 def wrk_together(scenario: Scenario, targets: list[tuple[str, int]], duration: int) -> list[dict]:
     """One wrk per (url, connections), all at the same time; their summaries."""
-    procs = [subprocess.Popen(loadgen.command(scenario.script, url + scenario.path, connections, duration),
+    procs = [subprocess.Popen(wrk_command(scenario.script, url + scenario.path, connections, duration),
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for url, connections in targets]
     results = []
     for proc in procs:
-        out, err = proc.communicate(timeout=duration + loadgen.TIMEOUT_SECONDS + 30)
-        results.append(loadgen.parse(subprocess.CompletedProcess(proc.args, proc.returncode, out, err)))
+        out, err = proc.communicate(timeout=duration + TIMEOUT_SECONDS + 30)
+        results.append(parse_wrk(subprocess.CompletedProcess(proc.args, proc.returncode, out, err)))
     return results
 
 
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report(args, result))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"started": started, "host": host.describe(), "args": {
+        args.out.write_text(json.dumps({"started": started, "host": machine.describe(), "args": {
             k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, **result}, indent=2) + "\n")
     return 0
 
