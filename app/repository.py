@@ -112,11 +112,12 @@ class ModelRepository:
         return ModelVersion(name, version, path, metadata)
 
     def add_version(self, name: str, files: dict[str, Path], metadata: dict,
-                    check: Callable[[ModelVersion], None] | None = None,
+                    check: Callable[[ModelVersion], dict | None] | None = None,
                     by: str = "", reason: str = "") -> ModelVersion:
         """Copy files into the next version directory with metadata; atomic by
-        rename, after check (if given) accepted the staged version. The first
-        version of a model becomes its serving version."""
+        rename, after check (if given) accepted the staged version; what check
+        returns (a dict) is added to the metadata. The first version of a model
+        becomes its serving version."""
         check_name(name)
         folder = self.root / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -129,7 +130,10 @@ class ModelRepository:
             metadata = {**metadata, "name": name, "version": version}
             (staging / METADATA).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
             if check is not None:
-                check(ModelVersion(name, version, staging, {"artifact": find_artifact(staging), **metadata}))
+                found = check(ModelVersion(name, version, staging, {"artifact": find_artifact(staging), **metadata}))
+                if found:  # what only the staged version could tell (its measured cost)
+                    metadata = {**metadata, **found}
+                    (staging / METADATA).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
             os.rename(staging, folder / str(version))
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

@@ -6,6 +6,7 @@ import time
 
 import falcon
 
+from app.batching import Batcher
 from app.cache import PredictionCache
 from app.control import ControlChannel
 from app.drift import DriftMonitor
@@ -56,7 +57,8 @@ def create_app(settings: Settings, registry: Registry, metrics: Metrics, started
                cache: PredictionCache | None = None, control: ControlChannel | None = None,
                lifecycle: Lifecycle | None = None, reloads: ReloadTrigger | None = None,
                shadow: ShadowScorer | None = None, drain: Drain | None = None,
-               predictions: PredictionLog | None = None, drift: DriftMonitor | None = None) -> falcon.App:
+               predictions: PredictionLog | None = None, drift: DriftMonitor | None = None,
+               batcher: Batcher | None = None) -> falcon.App:
     """The WSGI app over the given parts; builds nothing but the app itself."""
     middleware: list = [RequestTrace(predictions), RequestMetrics(metrics, drain or Drain())]
     if settings.server.cors_origins:
@@ -69,7 +71,7 @@ def create_app(settings: Settings, registry: Registry, metrics: Metrics, started
     app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     predictor = Predictor(registry, settings.server.max_batch_rows, cache, shadow, predictions,
-                          settings.server.allow_unknown_fields)
+                          settings.server.allow_unknown_fields, batcher)
     control = control or ControlChannel("")
     limit = settings.server.max_body_bytes
     app.add_route("/api/v1/predict", resources.Predict(predictor, limit))

@@ -19,6 +19,7 @@ from typing import Callable
 import falcon
 import pybreaker
 
+from app.batching import Batcher
 from app.cache import LRU, BreakerMetrics, Generations, PredictionCache, RedisStore
 from app.control import ControlChannel
 from app.drift import DriftMonitor, Thresholds
@@ -51,6 +52,7 @@ class Service:
     predictions: PredictionLog
     drift: DriftMonitor | None
     follower: FollowerProcess = field(default_factory=FollowerProcess)
+    batcher: Batcher = field(default_factory=Batcher)
 
     def reload(self) -> None:
         """In the master, on SIGHUP: apply repository and config changes before
@@ -94,12 +96,15 @@ def build_service(settings: Settings, signal_master: Callable[[], None], runtime
                             runtime_dir / "claims", signal_master)
     control.on("reload", reloads.on_message)
     drain = Drain()
+    # Each worker gives it the scheduler its worker class can batch with (app/server/hooks.py).
+    batcher = Batcher(metrics)
     app = create_app(settings, registry, metrics, started, cache=cache, control=control,
                      lifecycle=Lifecycle(repository, settings.models.verify_tolerance, plan), reloads=reloads,
-                     shadow=ShadowScorer(metrics), drain=drain, predictions=predictions, drift=drift)
+                     shadow=ShadowScorer(metrics), drain=drain, predictions=predictions, drift=drift, batcher=batcher)
     log.info("loaded %d of %d models in %.2f s", len(registry.serving()), len(registry.models),
              time.time() - started)
-    return Service(settings, registry, metrics, cache, control, reloads, drain, app, predictions, drift)
+    return Service(settings, registry, metrics, cache, control, reloads, drain, app, predictions, drift,
+                   batcher=batcher)
 
 
 def build_cache(settings: Settings, metrics: Metrics) -> PredictionCache | None:

@@ -38,6 +38,7 @@ class MeinheldWorker(_MeinheldWorker):
     # Set by the post_worker_init hook (app/server/hooks.py) before run().
     drain = None
     max_body_bytes = 0
+    batching = None  # a GreenletScheduler (app/server/greenlets.py) when a model batches
 
     def run(self):
         # meinheld reads a whole body before the app sees it. Bodies up to this
@@ -46,6 +47,8 @@ class MeinheldWorker(_MeinheldWorker):
         # without being read, so a client cannot make a worker buffer them.
         server.set_max_content_length(max(HTTP_BODY_CAP, 4 * self.max_body_bytes))
         self.taken_back = False
+        if self.batching is not None:
+            self.wsgi = self.batching.wrap(self.wsgi)
         server.schedule_call(0, self.tick)
         super().run()
 
