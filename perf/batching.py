@@ -4,7 +4,7 @@
 
 The ~200 MB MLP (perf/bigmodels.py big_mlp, one row per request, uncached)
 and the iris forest (at its batching default: off) on 2 workers, one server
-per configuration:
+per configuration, all started first and taking turns run by run:
 
 - unbatched: big_mlp with batching off (models.yaml);
 - batched-W ms: big_mlp batching with max_wait_ms W, for each --waits;
@@ -124,33 +124,50 @@ def check(target: TestServer, body: Path) -> None:
             raise RuntimeError(f"predict: HTTP {resp.status_code}: {resp.text[:300]}")
 
 
-def bench_config(label: str, config: Config, batching: dict, args: argparse.Namespace, models: Path,
-                 out: Path, body: Path) -> dict:
+def start(label: str, config: Config, batching: dict, models: Path, out: Path) -> BatchServer:
     models_config = out / f"models-{label}.yaml"
     models_config.write_text(json.dumps({"models": {MLP: {"batching": batching}, IRIS: {}}}) + "\n")
     server = BatchServer(config, models, models_config)
     server.start(timeout=120)
+    return server
+
+
+def bench(chosen: list[tuple[str, Config, dict]], args: argparse.Namespace, models: Path, out: Path,
+          body: Path) -> dict[str, dict]:
+    """Every configuration's server runs at once (an idle one costs nothing); the
+    configurations take turns, run by run, so a disturbance on the shared machine
+    spreads over all of them instead of falling on one."""
+    servers: dict[str, BatchServer] = {}
     try:
-        check(server, body)
-        described = requests.get(f"{server.url}/api/v1/models/{MLP}", timeout=10).json()["batching"]
-        cells = {}
-        for scenario, connections in plan_of(label):
-            given = body if scenario.body_file else None
-            warning = measure.warm_up(server, scenario, connections, args.warmup, given)
-            if warning:
-                measure.log("WARNING " + warning)
-            runs = []
-            for i in range(1, args.runs + 1):
-                before = batch_counters(server)
-                record = measure.measured(server, scenario, connections, args.duration, given, label, i, args.runs,
-                                          out / "runs" / label)
-                record["batching"] = batch_use(before, batch_counters(server))
-                runs.append(record)
-            cells[f"{scenario.name}-c{connections}"] = measure.median(runs)
-        return {"label": label, "config": config.name, "worker": server.worker_in_use(), "batching": batching,
-                "described": described, "cells": cells}
+        for label, config, batching in chosen:
+            servers[label] = start(label, config, batching, models, out)
+            check(servers[label], body)
+        results = {label: {"label": label, "config": config.name, "worker": servers[label].worker_in_use(),
+                           "batching": batching, "cells": {},
+                           "described": requests.get(f"{servers[label].url}/api/v1/models/{MLP}", timeout=10).json()["batching"]}
+                   for label, config, batching in chosen}
+        runs: dict[tuple[str, str], list[dict]] = {}
+        for label, _, _ in chosen:
+            for scenario, connections in plan_of(label):
+                warning = measure.warm_up(servers[label], scenario, connections, args.warmup,
+                                          body if scenario.body_file else None)
+                if warning:
+                    measure.log("WARNING " + warning)
+        for i in range(1, args.runs + 1):
+            for label, _, _ in chosen:
+                for scenario, connections in plan_of(label):
+                    before = batch_counters(servers[label])
+                    record = measure.measured(servers[label], scenario, connections, args.duration,
+                                              body if scenario.body_file else None, label, i, args.runs,
+                                              out / "runs" / label)
+                    record["batching"] = batch_use(before, batch_counters(servers[label]))
+                    runs.setdefault((label, f"{scenario.name}-c{connections}"), []).append(record)
+        for (label, name), records in runs.items():
+            results[label]["cells"][name] = measure.median(records)
+        return results
     finally:
-        server.close(out / f"mlserve-{label}.log")
+        for label, server in servers.items():
+            server.close(out / f"mlserve-{label}.log")
 
 
 def goals(results: dict[str, dict], waits: tuple[float, ...]) -> list[tuple[str, str, bool | None]]:
@@ -253,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     measure.log(f"writing to {out}; this takes about {cells * (args.warmup + args.runs * (args.duration + 1)) + 20 * len(chosen)} s")
     meta = {"stamp": stamp, "host": machine.describe(), "duration": args.duration, "runs": args.runs,
             "warmup": args.warmup, "waits": list(args.waits), "workers": args.workers}
-    results = {label: bench_config(label, config, batching, args, models, out, body) for label, config, batching in chosen}
+    results = bench(chosen, args, models, out, body)
     (out / "summary.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     markdown = render(meta, results, tuple(args.waits))
     (out / "results.md").write_text(markdown)
