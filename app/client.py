@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 import time
 from pathlib import Path
@@ -73,10 +74,14 @@ def error_class(status: int) -> type[MLServeError]:
 
 class MLClient:
     """One keep-alive session to an mlserve server; not thread-safe (use one per thread).
-    api_key, when given, is sent as Authorization: Bearer on every request (the
-    server's admin token is accepted for the admin calls)."""
+    api_key is sent as Authorization: Bearer on every request: an API key, or the
+    server's admin token (an admin key in effect). Without them, base_url and
+    api_key come from MLSERVE_URL and MLSERVE_API_KEY when those are set."""
 
-    def __init__(self, base_url: str = "http://localhost:8080", timeout: float = 10.0, api_key: str | None = None):
+    def __init__(self, base_url: str | None = None, timeout: float = 10.0, api_key: str | None = None):
+        # The client stands alone (requests and orjson only), so it reads its two variables itself.
+        base_url = base_url or os.environ.get("MLSERVE_URL") or "http://localhost:8080"
+        api_key = os.environ.get("MLSERVE_API_KEY") if api_key is None else api_key
         parts = urlsplit(base_url)
         try:
             valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
@@ -133,6 +138,24 @@ class MLClient:
         """Drop one model's cached predictions (None: every model's) on every host."""
         return self.request("POST", "/api/v1/admin/cache/invalidate",
                             {"model_name": model_name} if model_name else {})
+
+    def create_key(self, name: str, scopes: Sequence[str], models: Sequence[str] | None = None,
+                   rate: int | None = None) -> dict:
+        """Issue an API key: its record plus "key", the key itself, shown this once."""
+        body: dict[str, Any] = {"name": name, "scopes": list(scopes)}
+        if models:
+            body["models"] = list(models)
+        if rate is not None:
+            body["rate"] = rate
+        return self.request("POST", "/api/v1/admin/keys", body)
+
+    def list_keys(self) -> list[dict]:
+        """Every key issued, revoked ones too (id, name, scopes, models, rate, created, revoked)."""
+        return self.request("GET", "/api/v1/admin/keys")["keys"]
+
+    def revoke_key(self, name_or_id: str) -> dict:
+        """Revoke a key on every worker of every host, within a second."""
+        return self.request("DELETE", "/api/v1/admin/keys/" + quote(name_or_id, safe=""))
 
     def admin(self, model_name: str, action: str, body: dict) -> dict:
         return self.request("POST", f"/api/v1/admin/models/{quote(model_name, safe='')}/{action}", body)

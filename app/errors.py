@@ -72,8 +72,11 @@ class ModelFailed(ServingError):
     status, code = 500, "model_error"
 
 
-class InvalidModel(Exception):
-    """An artifact that must not go live (bad checksum, fails to load or verify)."""
+class InvalidModel(ServingError):
+    """An artifact, or a model's files, that must not go live (bad checksum,
+    fails to load or verify, an unreadable serving.json). Reloads catch it and
+    keep what serves; a request that meets it is answered 422."""
+    status, code = 422, "model_refused"
 
 
 class Unauthorized(ServingError):
@@ -96,3 +99,20 @@ class ModelRefused(ServingError):
 class InvalidData(ServingError):
     """Data handed to the CLI or the core (a training CSV, say) that cannot be used as it is."""
     status, code = 422, "invalid_data"
+
+
+class DeadlineExceeded(ServingError):
+    """The request's deadline passed before its answer was ready."""
+    status, code = 504, "deadline_exceeded"
+
+
+class InvalidHeader(ServingError):
+    status, code = 400, "invalid_header"
+
+
+class UriTooLong(ServingError):
+    status, code = 414, "uri_too_long"
+
+
+class HeaderTooLarge(ServingError):
+    status, code = 431, "header_too_large"

@@ -11,6 +11,11 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 import onnxruntime as ort
 
+from app import deadlines
+
+# With a deadline, a batch runs in chunks of this many rows, the deadline checked between them.
+CHUNK_ROWS = 1024
+
 # NOTE: an estimator fitted on a DataFrame (as MLflow users often do) warns on
 # every array it is given; the server always gives arrays, in the order of the
 # model's feature names, so the warning says nothing here.
@@ -102,13 +107,37 @@ class OnnxRuntime:
     def run(self, X: np.ndarray) -> Outputs:
         if X.dtype is not self.dtype:  # builtin dtypes are singletons: no comparison call
             X = X.astype(self.dtype)
-        results = self.run_graph(self.fetch, {self.input_name: X}, self.run_options)
+        deadline = deadlines.current()
+        if deadline is None:
+            return self.outputs(self.run_graph(self.fetch, {self.input_name: X}, self.run_options), len(X))
+        if len(X) <= CHUNK_ROWS:
+            return self.outputs(self.run_bounded(X, deadline), len(X))
+        parts = [self.outputs(self.run_bounded(X[i:i + CHUNK_ROWS], deadline), len(X[i:i + CHUNK_ROWS]))
+                 for i in range(0, len(X), CHUNK_ROWS)]
+        return Outputs(np.concatenate([p.labels for p in parts]),
+                       np.concatenate([p.probabilities for p in parts]) if parts[0].probabilities is not None else None)
+
+    def run_bounded(self, X: np.ndarray, deadline: deadlines.Deadline) -> list:
+        """One run, terminated by the watchdog if it outlives the deadline."""
+        deadline.check("the model run")
+        options = ort.RunOptions()
+        deadlines.watchdog.arm(options, deadline)
+        try:
+            return self.run_graph(self.fetch, {self.input_name: X}, options)
+        except Exception:
+            if options.terminate:
+                raise deadlines.exceeded(deadline, "the model run") from None
+            raise
+        finally:
+            deadlines.watchdog.disarm(options)
+
+    def outputs(self, results: list, rows: int) -> Outputs:
         labels = results[0] if self.label_output else None
         proba = results[-1] if self.proba_output and self.task == "classification" else None
         if labels is None:
             labels = self.classes[proba.argmax(axis=1)] if self.classes is not None else proba.argmax(axis=1)
         elif labels.ndim != 1:  # regressors answer [n, 1]
-            labels = labels.reshape(len(X))
+            labels = labels.reshape(rows)
         return Outputs(labels, proba)
 
 
@@ -123,6 +152,13 @@ class SklearnRuntime:
         self.with_proba = task == "classification" and hasattr(estimator, "predict_proba")
 
     def run(self, X: np.ndarray) -> Outputs:
+        deadline = deadlines.current()
+        if deadline is None:
+            return self.run_native(X)
+        deadline.check("the model run")
+        return deadlines.native.call(lambda: self.run_native(X), deadline, "the model run")
+
+    def run_native(self, X: np.ndarray) -> Outputs:
         # Estimators are fitted on float64; some (KMeans) refuse float32 input.
         X = X.astype(np.float64)
         if self.assigner is not None:

@@ -86,11 +86,14 @@ class Server:
                                        gunicorn="max_requests_jitter")
     max_body_bytes: int = setting(1_048_576, "Largest request body accepted; larger gets 413.", between(64, 1 << 30))
     max_batch_rows: int = setting(10_000, "Most rows in one batch_predict; more gets 413.", between(1, 10_000_000))
+    request_timeout_ms: int = setting(10_000, "Milliseconds a request may take before it is answered 504 (clients may "
+                                      "ask for less with X-Request-Timeout; 0: no deadline).", between(0, 3_600_000))
     allow_unknown_fields: bool = setting(False, "Accept request fields the API does not know (clients that add their "
                                          "own metadata); off: 422 naming the field.")
     cors_origins: str = setting("", "Comma-separated origins allowed by CORS ('*' for any; empty: CORS off).")
     pid_file: str = setting("", "Where the master writes its pid, read by the CLI to signal it (empty: <tmp>/mlserve-<port>.pid).")
-    admin_token: str = setting("", "Bearer token for /api/v1/admin/* (empty: the admin API is off).")
+    admin_token: str = setting("", "Bearer token for /api/v1/admin/* and the other admin calls (an admin key in "
+                                   "effect; empty: only admin keys, and with keys off the admin API is off).")
 
 
 @dataclass(frozen=True)
@@ -145,9 +148,16 @@ class Monitoring:
 
 @dataclass(frozen=True)
 class RateLimiting:
-    enabled: bool = setting(False, "Limit requests per client address.")
-    requests_per_second: int = setting(1000, "Sustained requests per second per client address.", between(1, 10_000_000))
-    burst: int = setting(2000, "Requests a client may make in any one second window before 429.", between(1, 10_000_000))
+    enabled: bool = setting(False, "Limit requests per API key (per client address when keys are off).")
+    requests_per_second: int = setting(1000, "Sustained requests per second per key or address.", between(1, 10_000_000))
+    burst: int = setting(2000, "Requests a key or address may make at once before 429.", between(1, 10_000_000))
+
+
+@dataclass(frozen=True)
+class Security:
+    api_keys: bool = setting(False, "Require an API key (Authorization: Bearer, or X-API-Key) on every endpoint but "
+                                    "the health probes.")
+    keys_file: str = setting("", "The hashed API keys (empty: <models.directory>/.api-keys.json).")
 
 
 @dataclass(frozen=True)
@@ -197,6 +207,7 @@ class Settings:
     models: Models = field(default_factory=Models)
     monitoring: Monitoring = field(default_factory=Monitoring)
     rate_limiting: RateLimiting = field(default_factory=RateLimiting)
+    security: Security = field(default_factory=Security)
     prediction_log: PredictionLog = field(default_factory=PredictionLog)
     drift: Drift = field(default_factory=Drift)
     cli: Cli = field(default_factory=Cli)
@@ -207,12 +218,16 @@ class Settings:
         return f"{self.server.host}:{self.server.port}"
 
     @property
+    def keys_path(self) -> str:
+        return self.security.keys_file or os.path.join(self.models.directory, ".api-keys.json")
+
+    @property
     def pid_path(self) -> str:
         return self.server.pid_file or os.path.join(tempfile.gettempdir(), f"mlserve-{self.server.port}.pid")
 
 
 SECTION_CLASSES = {"server": Server, "redis": Redis, "cache": Cache, "models": Models,
-                   "monitoring": Monitoring, "rate_limiting": RateLimiting, "prediction_log": PredictionLog,
+                   "monitoring": Monitoring, "rate_limiting": RateLimiting, "security": Security, "prediction_log": PredictionLog,
                    "drift": Drift, "mlflow": Mlflow, "cli": Cli}
 
 # Short environment names for the settings people change most.

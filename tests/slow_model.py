@@ -64,3 +64,32 @@ def publish_exploding(folder: Path) -> Path:
         "reference_sample": [[5.1, 3.5, 1.4, 0.2]],
     }))
     return folder
+
+
+def slow_onnx_graph(width: int = 1024, layers: int = 4) -> bytes:
+    """An ONNX regressor taking 4 features whose cost is all in the model: a
+    stack of width x width MatMuls (about width^2 x layers multiply-adds a row)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    shapes = [(4, width)] + [(width, width)] * layers + [(width, 1)]
+    weights = [numpy_helper.from_array((rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32), f"w{i}")
+               for i, s in enumerate(shapes)]
+    nodes, last = [], "input"
+    for i in range(len(shapes)):
+        nodes.append(helper.make_node("MatMul", [last, f"w{i}"], [f"z{i}"]))
+        last = f"z{i}"
+    graph = helper.make_graph(nodes, "slow", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 4])],
+                              [helper.make_tensor_value_info(last, TensorProto.FLOAT, [None, 1])], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def publish_slow_onnx(root: Path, name: str = "slow_onnx") -> Path:
+    folder = root / name / "1"
+    folder.mkdir(parents=True)
+    (folder / "model.onnx").write_bytes(slow_onnx_graph())
+    (folder / "metadata.json").write_text(json.dumps({
+        "task": "regression", "feature_names": ["a", "b", "c", "d"], "artifact": "model.onnx",
+        "sha256": sha256_of(folder / "model.onnx"), "reference_sample": [[0.1, 0.2, 0.3, 0.4]],
+    }))
+    return folder

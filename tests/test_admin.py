@@ -120,7 +120,7 @@ def test_the_token_is_required_and_the_api_is_off_without_one(two_versions, tmp_
     missing = admin.post("models/iris_classifier/reload", headers={})
     assert missing.status_code == 401 and "Authorization: Bearer" in missing.json["error"]["message"]
     wrong = admin.post("models/iris_classifier/reload", headers={"Authorization": "Bearer nope"})
-    assert wrong.status_code == 403 and wrong.json["error"]["message"] == "the admin token is not valid"
+    assert wrong.status_code == 401 and wrong.json["error"]["message"] == "the admin token is not valid"
     off = Admin(two_versions, tmp_path / "models.yaml", token="")
     refused = off.post("models/iris_classifier/reload")
     assert refused.status_code == 403 and "server.admin_token" in refused.json["error"]["message"]

@@ -160,7 +160,7 @@ def test_admin_invalidate_needs_the_token(demo_models):
         url = server.url + "/api/v1/admin/cache/invalidate"
         assert requests.post(url).status_code == 401
         wrong = requests.post(url, headers={"Authorization": "Bearer nope"})
-        assert wrong.status_code == 403 and wrong.json()["error"]["code"] == "forbidden"
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "unauthorized"
         unknown = requests.post(url, headers=ADMIN, json={"model_name": "no_such_model"})
         assert unknown.status_code == 404
 

@@ -219,7 +219,7 @@ def test_lifecycle_commands_reach_a_server_elsewhere_with_url(fresh_models, tmp_
         until(lambda: version() == 1, what="the server serves v1 again")
         monkeypatch.setenv("MLSERVE_API_KEY", "wrong")
         err = one_line_error(capsys, ["models", "promote", "iris_classifier", "2"])
-        assert "forbidden: the admin token is not valid" in err
+        assert "unauthorized: the admin token is not valid" in err
     assert not local.exists()
 
 

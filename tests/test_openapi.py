@@ -107,7 +107,10 @@ def schemathesis_run(url: str, workdir: Path, *extra: str) -> str:
         '[phases.coverage]\nunexpected-methods = ["get", "put", "post", "delete", "options", "patch", "trace"]\n')
     command = [str(SCHEMATHESIS), "run", f"{url}/openapi.json", "--checks", ",".join(CHECKS),
                "--phases", "examples,coverage,fuzzing", "--max-examples", str(EXAMPLES), "--seed", str(SEED),
-               "--workers", "2", "--request-timeout", "30", "--generation-database", "none", "--no-color", *extra]
+               "--workers", "1", "--request-timeout", "30", "--generation-database", "none", "--no-color", *extra]
+    # One worker thread: with two, Python 3.11's AST parser (which hypothesis
+    # uses to describe its filters) can fail with "AST constructor recursion
+    # depth mismatch" when both threads parse at once.
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=workdir)
     assert done.returncode == 0, f"{' '.join(command)}\n{done.stdout[-20000:]}\n{done.stderr[-3000:]}"
     selected = re.search(r"Selected: (\d+)/(\d+)\s+Tested: (\d+)", done.stdout)
@@ -131,7 +134,7 @@ def test_the_admin_operations_answer_as_documented_with_the_token(fresh_models, 
     try:
         report = schemathesis_run(admin.url, tmp_path, "--include-tag", "admin",
                                   "-H", "Authorization: Bearer schema-secret")
-        assert "Selected: 9/" in report  # 5 admin and repository operations, and the 4 of uploads
+        assert "Selected: 12/" in report  # 5 admin and repository operations, 4 of uploads, 3 of keys
         assert requests.get(admin.url + "/health", timeout=10).status_code == 200
         assert requests.get(admin.url + "/v2", timeout=10).status_code == 200
     finally:

@@ -232,7 +232,7 @@ def test_admin_model_actions_need_the_token_and_a_known_model(two_versions):
             return response.json()["error"]
         assert error(requests.post(url, json={"version": 2}), 401)["code"] == "unauthorized"
         assert error(requests.post(url, json={"version": 2}, headers={"Authorization": "Bearer no"}),
-                     403)["code"] == "forbidden"
+                     401)["code"] == "unauthorized"
         unknown = error(requests.post(server.url + "/api/v1/admin/models/nope/promote", headers=ADMIN,
                                       json={"version": 2}), 404)
         assert unknown["code"] == "model_not_found" and "'nope'" in unknown["message"]

@@ -346,7 +346,7 @@ def test_repository_calls_need_the_admin_token(repo_app):
                  "/v2/repository/models/iris_classifier/unload"):
         assert repo_app.client.simulate_post(path).status_code == 401
         r = repo_app.client.simulate_post(path, headers={"Authorization": "Bearer wrong"})
-        assert r.status_code == 403 and list(r.json) == ["error"]
+        assert r.status_code == 401 and list(r.json) == ["error"]
     assert repo_app.signals == []
 
 

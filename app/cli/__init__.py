@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from app.cli import drift, models, predict, train
+from app.cli import drift, keys, models, predict, train
 from app.cli.context import Context
 from app.cli.errors import CommandError
 from app.client import MLServeError
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     drift.add_model_commands(verbs, add_url, positive_int)
     drift.add_commands(sub, positive_int)
     predict.add_commands(sub, add_url, positive_int)
+    keys.add_commands(sub, add_url)
     train.add_commands(sub)
     return parser
 
@@ -82,9 +83,11 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_url(parser: argparse.ArgumentParser, help: str | None = None) -> None:
+def add_url(parser: argparse.ArgumentParser, help: str | None = None, key_help: str | None = None) -> None:
     parser.add_argument("--url", help=help or "the server (default: MLSERVE_URL, else http://HOST:PORT of "
                                               "server.host and server.port, http://127.0.0.1:8080 unless changed)")
+    parser.add_argument("--api-key", help=key_help or "the API key to send, when the server requires keys "
+                                                      "(default: MLSERVE_API_KEY)")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,13 @@ class Context:
             return contextlib.nullcontext(None)
         return self.client(url, args.api_key or self.settings.cli.api_key or self.settings.server.admin_token or None)
 
+    def keys_changed(self) -> None:
+        """Tell every host at once (the servers of this host re-read the keys file within a second anyway)."""
+        if self.settings.redis.url:
+            from app.control import ControlChannel  # the server install's redis client
+
+            ControlChannel(self.settings.redis.url).publish({"op": "keys"})
+
     def changed(self, what: str) -> int:
         """Print what changed, then tell running servers."""
         print(what)

@@ -38,7 +38,7 @@ def add_options(parser) -> None:
 
 
 def cmd_model_drift(args, ctx: Context) -> int:
-    with ctx.client(args.url) as client:
+    with ctx.client(args.url, args.api_key) as client:
         found = client.drift(args.name, args.version)
     return show(found, args)
 

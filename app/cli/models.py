@@ -113,7 +113,7 @@ def cmd_demo(args, ctx: Context) -> int:
 
 def cmd_list(args, ctx: Context) -> int:
     rows = [("NAME", "SERVING", "VERSIONS", "TASK", "RUNTIME")]
-    with ctx.client(args.url) as client:
+    with ctx.client(args.url, args.api_key) as client:
         for m in client.list_models():
             serving = m.get("serving_version")
             rows.append((m["name"], "-" if serving is None else str(serving),
@@ -124,7 +124,7 @@ def cmd_list(args, ctx: Context) -> int:
 
 
 def cmd_info(args, ctx: Context) -> int:
-    with ctx.client(args.url) as client:
+    with ctx.client(args.url, args.api_key) as client:
         print(json.dumps(client.get_model_info(args.name), indent=2))
     return 0
 
@@ -160,9 +160,8 @@ def cmd_publish(args, ctx: Context) -> int:
 
 def add_remote(parser, add_url) -> None:
     add_url(parser, "the server to change, through its admin API (default: MLSERVE_URL; with neither, "
-                    "the repository in models.directory, and running servers are told)")
-    parser.add_argument("--api-key", help="an admin key or the server's admin token "
-                                          "(default: MLSERVE_API_KEY, else server.admin_token)")
+                    "the repository in models.directory, and running servers are told)",
+            "an admin key or the server's admin token (default: MLSERVE_API_KEY, else server.admin_token)")
 
 
 def cmd_follow(args, ctx: Context) -> int:

@@ -54,7 +54,7 @@ def cmd_predict(args, ctx: Context) -> int:
             features = [float(v) for v in args.features.split(",")]
         except ValueError:
             raise UsageError(f"--features: expected comma-separated numbers, got {args.features!r}") from None
-    with ctx.client(args.url) as client:
+    with ctx.client(args.url, args.api_key) as client:
         result = client.predict(args.model, features, use_cache=args.use_cache, version=args.version)
     print(json.dumps(result, indent=2))
     return 0
@@ -65,7 +65,7 @@ class BadInput(CommandError):
 
 
 def cmd_batch(args, ctx: Context) -> int:
-    with ctx.client(args.url) as client:
+    with ctx.client(args.url, args.api_key) as client:
         return batch(args, client)
 
 

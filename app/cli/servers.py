@@ -31,7 +31,7 @@ def default_url(settings: Settings) -> str:
 
 def client(url: str | None, settings: Settings | None, api_key: str | None = None) -> MLClient:
     try:
-        return MLClient(url or default_url(settings), api_key=api_key)
+        return MLClient(url or default_url(settings), api_key=api_key or (settings.cli.api_key if settings else None))
     except ValueError as exc:
         raise UsageError(f"--url: {exc}") from None
 

@@ -1,16 +1,17 @@
-"""The admin API (/api/v1/admin/...): operations that change what is served
-or cached. Every call needs `Authorization: Bearer <server.admin_token>`."""
+"""The admin API (/api/v1/admin/...): operations that change what is served,
+cached or who may call. Every call needs the admin scope (app/http/auth.py)."""
 from __future__ import annotations
 
-import hmac
 import re
+from typing import Callable
 
 import falcon
 
 from app.cache import PredictionCache
 from app.control import ControlChannel
-from app.errors import Forbidden, InvalidField, MissingField, ModelRefused, NotFound, Unauthorized
+from app.errors import InvalidField, MissingField, ModelRefused, NotFound
 from app.http.resources import read_json, send
+from app.keys import KeyFile
 from app.lifecycle import Lifecycle
 from app.publishing import Publisher
 from app.registry import Registry
@@ -19,31 +20,16 @@ from app.repository import sha256_of
 from app.uploads import PART_BYTES, UploadStore
 
 
-class AdminAuth:
-    def __init__(self, token: str):
-        self.token = token.encode()
-
-    def check(self, req: falcon.Request) -> None:
-        if not self.token:
-            raise Forbidden("the admin API is off: set server.admin_token (MLSERVE_SERVER_ADMIN_TOKEN)")
-        scheme, _, given = (req.get_header("Authorization") or "").partition(" ")
-        if scheme.lower() != "bearer" or not given:
-            raise Unauthorized("admin calls need the header Authorization: Bearer <token>")
-        if not hmac.compare_digest(given.strip().encode(), self.token):
-            raise Forbidden("the admin token is not valid")
-
-
 class CacheInvalidate:
     """POST {"model_name": NAME} clears one model's cached predictions; {} clears all."""
     endpoint = "admin_cache_invalidate"
 
-    def __init__(self, auth: AdminAuth, registry: Registry, cache: PredictionCache | None,
+    def __init__(self, registry: Registry, cache: PredictionCache | None,
                  control: ControlChannel, max_body_bytes: int):
-        self.auth, self.registry, self.cache, self.control = auth, registry, cache, control
+        self.registry, self.cache, self.control = registry, cache, control
         self.limit = max_body_bytes
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        self.auth.check(req)
         body = read_json(req, self.limit) if req.content_length else {}
         name = body.get("model_name")
         if name is not None and type(name) is not str:
@@ -67,13 +53,12 @@ class ModelAction:
     endpoint = "admin_model"
     ACTIONS = ("promote", "rollback", "split", "shadow", "reload")
 
-    def __init__(self, auth: AdminAuth, registry: Registry, lifecycle: Lifecycle, reloads: ReloadTrigger,
+    def __init__(self, registry: Registry, lifecycle: Lifecycle, reloads: ReloadTrigger,
                  max_body_bytes: int):
-        self.auth, self.registry, self.lifecycle, self.reloads = auth, registry, lifecycle, reloads
+        self.registry, self.lifecycle, self.reloads = registry, lifecycle, reloads
         self.limit = max_body_bytes
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, name: str, action: str) -> None:
-        self.auth.check(req)
         if action not in self.ACTIONS:
             raise NotFound(f"no admin action {action[:40]!r}; one of {', '.join(self.ACTIONS)}")
         self.registry.state(name)  # ModelNotFound for a model this server does not hold
@@ -104,11 +89,10 @@ class Uploads:
     too large for one request body; its parts follow with PATCH /api/v1/admin/uploads/{id}."""
     endpoint = "admin_upload"
 
-    def __init__(self, auth: AdminAuth, store: UploadStore):
-        self.auth, self.store = auth, store
+    def __init__(self, store: UploadStore):
+        self.store = store
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        self.auth.check(req)
         send(resp, {"upload_id": self.store.create(), "part_bytes": PART_BYTES, "max_bytes": self.store.max_bytes},
              201)
 
@@ -118,11 +102,10 @@ class Upload:
     artifact as the body appends a part; DELETE drops the upload."""
     endpoint = "admin_upload"
 
-    def __init__(self, auth: AdminAuth, store: UploadStore):
-        self.auth, self.store = auth, store
+    def __init__(self, store: UploadStore):
+        self.store = store
 
     def on_patch(self, req: falcon.Request, resp: falcon.Response, upload_id: str) -> None:
-        self.auth.check(req)
         offset = req.get_header("Upload-Offset")
         if offset is None or not offset.isdigit():
             raise InvalidField("a part needs the header Upload-Offset: the number of bytes sent before it")
@@ -130,10 +113,47 @@ class Upload:
         send(resp, {"upload_id": upload_id, "offset": size})
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, upload_id: str) -> None:
-        self.auth.check(req)
         self.store.data(upload_id)  # NotFound for an unknown upload
         self.store.remove(upload_id)
         send(resp, {"upload_id": upload_id, "removed": True})
+
+
+class Keys:
+    """GET lists the API keys (never their hashes); POST {"name", "scopes", "models"?, "rate"?}
+    issues one and answers it, the only time it is shown. Every worker of every
+    host sees the change within a second (the keys file; changed() tells this
+    worker at once, and the others through the control channel)."""
+    endpoint = "admin_keys"
+
+    def __init__(self, keys: KeyFile, changed: Callable[[], None], max_body_bytes: int):
+        self.keys, self.changed, self.limit = keys, changed, max_body_bytes
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        send(resp, {"keys": self.keys.listing()})
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body = read_json(req, self.limit)
+        unknown = sorted(body.keys() - {"name", "scopes", "models", "rate"})
+        if unknown:
+            raise InvalidField(f"unknown field {unknown[0][:40]!r}; a key has name, scopes, models and rate")
+        if "name" not in body or "scopes" not in body:
+            raise MissingField("name and scopes are required")
+        key, record = self.keys.create(body["name"], body["scopes"], body.get("models"), body.get("rate"))
+        self.changed()
+        send(resp, {**record, "key": key}, 201)
+
+
+class Key:
+    """DELETE /api/v1/admin/keys/{key} revokes the active key with that id or name."""
+    endpoint = "admin_keys"
+
+    def __init__(self, keys: KeyFile, changed: Callable[[], None]):
+        self.keys, self.changed = keys, changed
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
+        record = self.keys.revoke(key)
+        self.changed()
+        send(resp, record)
 
 
 class ModelVersions:
@@ -145,14 +165,13 @@ class ModelVersions:
     endpoint = "admin_model"
     TASKS = ("classification", "regression", "clustering")
 
-    def __init__(self, auth: AdminAuth, publisher: Publisher, reloads: ReloadTrigger, store: UploadStore,
+    def __init__(self, publisher: Publisher, reloads: ReloadTrigger, store: UploadStore,
                  max_body_bytes: int):
-        self.auth, self.publisher, self.reloads, self.store = auth, publisher, reloads, store
+        self.publisher, self.reloads, self.store = publisher, reloads, store
         self.lifecycle = publisher.lifecycle
         self.limit = max_body_bytes
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
-        self.auth.check(req)
         body = read_json(req, self.limit)
         given = publish_fields(body, self.TASKS)
         path = self.store.artifact(given.pop("upload"), given.pop("format"))

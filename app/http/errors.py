@@ -52,6 +52,8 @@ def describe(req: falcon.Request, exc: Exception) -> tuple[int, str, str, dict, 
     if isinstance(exc, ServingError):
         details = dict(exc.details)
         headers = {"Retry-After": str(details["retry_after"])} if "retry_after" in details else {}
+        if exc.status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="mlserve"'
         return exc.status, exc.code, exc.message, details, headers
     if isinstance(exc, falcon.HTTPError):
         return exc.status_code, code_of(exc.status_code), http_message(req, exc), {}, dict(exc.headers or {})

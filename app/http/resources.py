@@ -9,6 +9,7 @@ import orjson
 
 from app.clock import utc_now
 from app.errors import BodyTooLarge, InvalidJSON
+from app.http.auth import allow_model
 from app.http.errors import JSON
 from app.inference import Predictor
 from app.metrics import Metrics
@@ -66,6 +67,7 @@ class Predict:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         context = req.context
         context.body = body = read_json(req, self.limit)
+        allow_model(req, body.get("model_name"))
         model, resp.data = self.predictor.predict(body, context.started, req.get_header("X-Routing-Key"),
                                                   context.request_id)
         context.model = model
@@ -78,6 +80,7 @@ class BatchPredict(Predict):
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         context = req.context
         context.body = body = read_json(req, self.limit)
+        allow_model(req, body.get("model_name"))
         model, resp.data = self.predictor.batch_predict(body, context.started, req.get_header("X-Routing-Key"),
                                                         context.request_id)
         context.model = model
@@ -91,7 +94,9 @@ class Models:
         self.registry = registry
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        send(resp, {"models": [self.registry.describe(name) for name in sorted(self.registry.models)]})
+        principal = req.context.get("principal")  # a key limited to some models sees only those
+        names = [n for n in sorted(self.registry.models) if principal is None or principal.allows_model(n)]
+        send(resp, {"models": [self.registry.describe(name) for name in names]})
 
 
 class Model(Models):

@@ -15,7 +15,6 @@ import orjson
 
 from app import tensors
 from app.errors import BodyTooLarge, InvalidInput, InvalidJSON, UnsupportedMediaType, VersionNotFound
-from app.http.admin import AdminAuth
 from app.http.errors import JSON
 from app.inference import Predictor
 from app.lifecycle import Lifecycle
@@ -203,11 +202,10 @@ class RepositoryIndex:
     An empty body, or {"ready": true} for the serving ones only."""
     endpoint = "v2_repository_index"
 
-    def __init__(self, auth: AdminAuth, registry: Registry, max_body_bytes: int):
-        self.auth, self.registry, self.limit = auth, registry, max_body_bytes
+    def __init__(self, registry: Registry, max_body_bytes: int):
+        self.registry, self.limit = registry, max_body_bytes
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        self.auth.check(req)
         body = optional_object(read_body(req, self.limit))
         only_ready = body.get("ready", False)
         if type(only_ready) is not bool:
@@ -253,11 +251,10 @@ class RepositoryModel:
     serving it. Either way every server then swaps, as after an admin call."""
     endpoint = "v2_repository_model"
 
-    def __init__(self, auth: AdminAuth, lifecycle: Lifecycle, reloads: ReloadTrigger, max_body_bytes: int):
-        self.auth, self.lifecycle, self.reloads, self.limit = auth, lifecycle, reloads, max_body_bytes
+    def __init__(self, lifecycle: Lifecycle, reloads: ReloadTrigger, max_body_bytes: int):
+        self.lifecycle, self.reloads, self.limit = lifecycle, reloads, max_body_bytes
 
     def on_post_load(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
-        self.auth.check(req)
         parameters = tensors.parameters_of(optional_object(read_body(req, self.limit)).get("parameters"),
                                            "parameters")
         if set(parameters) - {"reason"}:
@@ -267,7 +264,6 @@ class RepositoryModel:
         self.respond(resp, name, "load", state)
 
     def on_post_unload(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
-        self.auth.check(req)
         parameters = tensors.parameters_of(optional_object(read_body(req, self.limit)).get("parameters"),
                                            "parameters")
         state = self.lifecycle.unload(name, f"v2-repository@{req.remote_addr}", reason_of(parameters))
@@ -285,7 +281,7 @@ def reason_of(parameters: dict) -> str:
     return reason
 
 
-def add_routes(app: falcon.App, registry: Registry, predictor: Predictor, auth: AdminAuth, max_body_bytes: int,
+def add_routes(app: falcon.App, registry: Registry, predictor: Predictor, max_body_bytes: int,
                lifecycle: Lifecycle | None = None, reloads: ReloadTrigger | None = None) -> None:
     """The V2 routes; the repository's load and unload only with a lifecycle to change it."""
     app.add_route("/v2", ServerMetadata())
@@ -296,9 +292,9 @@ def add_routes(app: falcon.App, registry: Registry, predictor: Predictor, auth: 
         app.add_route(prefix, model)
         app.add_route(prefix + "/ready", ready)
         app.add_route(prefix + "/infer", infer)
-    app.add_route("/v2/repository/index", RepositoryIndex(auth, registry, max_body_bytes))
+    app.add_route("/v2/repository/index", RepositoryIndex(registry, max_body_bytes))
     if lifecycle is not None and reloads is not None:
-        repository = RepositoryModel(auth, lifecycle, reloads, max_body_bytes)
+        repository = RepositoryModel(lifecycle, reloads, max_body_bytes)
         app.add_route("/v2/repository/models/{name}/load", repository, suffix="load")
         app.add_route("/v2/repository/models/{name}/unload", repository, suffix="unload")
 

@@ -7,6 +7,7 @@ import ctypes
 import gc
 import logging
 import os
+import queue
 import signal
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 from app.server import runtime
 
 PR_SET_PDEATHSIG = 1
+log = logging.getLogger("mlserve")
 
 
 def service():
@@ -45,10 +47,12 @@ def check_models_config(settings) -> None:
 
 
 def on_starting(server) -> None:
-    # Files left by an earlier run would be counted as this run's.
+    # Files left by an earlier run would be counted as this run's. The
+    # master's own (made as the app loaded, before this hook) stay: it counts
+    # the workers that die.
     path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     for name in os.listdir(path):
-        if name.endswith(".db"):
+        if name.endswith(".db") and not name.endswith(f"_{os.getpid()}.db"):
             os.unlink(os.path.join(path, name))
 
 
@@ -64,11 +68,34 @@ def when_ready(server) -> None:
 def on_reload(server) -> None:
     # SIGHUP: the master loads what changed, then Gunicorn forks new workers
     # from it and retires the old ones gracefully.
+    folded = fold_queued_reloads(server)
+    if folded:
+        log.info("reload: %d more SIGHUP(s) queued before it began are answered by this one", folded)
     running = service()
     running.reload()
     freeze()
     # What is followed may have changed (mlserve models follow reloads).
     running.follower.ensure(running)
+
+
+def fold_queued_reloads(server) -> int:
+    """Drop the SIGHUPs waiting in Gunicorn's signal queue, keeping the other
+    signals in order; how many were dropped. This reload reads the repository
+    after they arrived, so it answers them all: ten SIGHUPs in a second make
+    one swap (two, if one arrives while this reload runs), not ten in a row."""
+    queued, folded = [], 0
+    while True:
+        try:
+            sig = server.SIG_QUEUE.get_nowait()
+        except queue.Empty:
+            break
+        if sig == signal.SIGHUP:
+            folded += 1
+        else:
+            queued.append(sig)
+    for sig in queued:
+        server.SIG_QUEUE.put_nowait(sig)
+    return folded
 
 
 def on_exit(server) -> None:

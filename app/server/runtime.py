@@ -1,7 +1,7 @@
 """The master's runtime files: a directory for what the processes of one
 server share (per-worker metric files, reload claims), and the pid file the
 CLI reads to signal this master (app/pidfile.py). Both are made by the master
-and removed when it exits, however it exits short of SIGKILL."""
+and removed when it exits; after a SIGKILL, by the next master to start."""
 from __future__ import annotations
 
 import atexit
@@ -19,12 +19,25 @@ _directory: list[Path] = []
 
 
 def directory() -> Path:
-    """This master's directory, made on first use."""
+    """This master's directory, made on first use; those of masters that were
+    killed (and so could not remove theirs) are removed then."""
     if not _directory:
-        path = Path(tempfile.mkdtemp(prefix=PREFIX))
+        sweep(Path(tempfile.gettempdir()))
+        pid = os.getpid()
+        path = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{pid}-{pidfile.start_time(pid)}-"))
         _directory[:] = [path]
         at_master_exit(lambda: shutil.rmtree(path, ignore_errors=True))
     return _directory[0]
+
+
+def sweep(parent: Path) -> None:
+    """Remove the directories of masters no longer running: named
+    mlserve-run-<pid>-<start time>-..., so a reused pid does not keep one alive."""
+    for path in parent.glob(PREFIX + "*-*-*"):
+        pid, _, rest = path.name[len(PREFIX):].partition("-")
+        started = rest.partition("-")[0]
+        if pid.isdigit() and started.isdigit() and str(pidfile.start_time(int(pid))) != started:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def metrics_directory(configured: str) -> Path:

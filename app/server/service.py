@@ -24,6 +24,7 @@ from app.cache import LRU, BreakerMetrics, Generations, PredictionCache, RedisSt
 from app.control import ControlChannel
 from app.drift import DriftMonitor, Thresholds
 from app.http.app import Drain, create_app
+from app.keys import KeyStore
 from app.lifecycle import Lifecycle
 from app.metrics import Metrics
 from app.plan import read_plan
@@ -95,16 +96,31 @@ def build_service(settings: Settings, signal_master: Callable[[], None], runtime
     reloads = ReloadTrigger(control, f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}",
                             runtime_dir / "claims", signal_master)
     control.on("reload", reloads.on_message)
+    keys = build_keys(settings)
+    if keys is not None:
+        control.on("keys", lambda message: keys.refresh(force=True))
     drain = Drain()
     # Each worker gives it the scheduler its worker class can batch with (app/server/hooks.py).
     batcher = Batcher(metrics)
     app = create_app(settings, registry, metrics, started, cache=cache, control=control,
                      lifecycle=Lifecycle(repository, settings.models.verify_tolerance, plan), reloads=reloads,
-                     shadow=ShadowScorer(metrics), drain=drain, predictions=predictions, drift=drift, batcher=batcher)
+                     shadow=ShadowScorer(metrics), drain=drain, predictions=predictions, drift=drift, keys=keys,
+                     batcher=batcher)
     log.info("loaded %d of %d models in %.2f s", len(registry.serving()), len(registry.models),
              time.time() - started)
     return Service(settings, registry, metrics, cache, control, reloads, drain, app, predictions, drift,
                    batcher=batcher)
+
+
+def build_keys(settings: Settings) -> KeyStore | None:
+    if not settings.security.api_keys:
+        return None
+    keys = KeyStore(Path(settings.keys_path))
+    keys.refresh()
+    log.info("API keys required: %d active in %s%s", len(keys.by_id), settings.keys_path,
+             "" if keys.by_id or settings.server.admin_token else
+             " (none yet, and no admin token: create one with mlserve keys create)")
+    return keys
 
 
 def build_cache(settings: Settings, metrics: Metrics) -> PredictionCache | None:

@@ -15,6 +15,13 @@ started. That callback then goes on accepting queued connections and, for
 each, re-arms the read timeout on the listening socket (meinheld passes the
 listener's fd there), replacing the stop timer set a moment before; the
 worker then served the old model until Gunicorn's graceful timeout.
+
+meinheld's own worker also replaces gunicorn's Logger.error and
+Logger.access with functions of other arguments, on the class, in the
+master (where Gunicorn makes each worker object before it forks): the
+master's next error line (a worker SIGKILLed, "Perhaps out of memory?")
+then raised inside its main loop and the whole server died. This worker
+puts them back and hands meinheld loggers of its own.
 """
 from __future__ import annotations
 
@@ -25,13 +32,34 @@ import signal
 # meinheld imports greenlet at its first request; imported here, it is done
 # once in the master rather than in each worker's first request.
 import greenlet  # noqa: F401
+from gunicorn.glogging import Logger
 from meinheld import server
 from meinheld.gmeinheld import MeinheldWorker as _MeinheldWorker
+from meinheld.mlogging import _access, _error
 
 # Connections still open this long after SIGTERM (idle keep-alives) are closed.
 DRAIN_SECONDS = 1
-HTTP_BODY_CAP = 16 << 20
+# Bodies up to this cap (64 MiB: a 2,000,000-row batch fits) are read
+# (meinheld spools those over its 500 KB buffer to a temporary file, so memory
+# stays bounded) and reach the app, which answers a JSON 413 from
+# Content-Length above server.max_body_bytes without parsing them; beyond it,
+# meinheld refuses them from the headers with its own HTML 413.
+HTTP_BODY_CAP = 64 << 20
 TICK_SECONDS = 1
+
+
+class MeinheldLogs:
+    """What meinheld calls: error(type, value, traceback) and access(environ),
+    written through gunicorn's logger."""
+
+    def __init__(self, log: Logger):
+        self.log = log
+
+    def error(self, exc_type, value, tb) -> None:
+        _error(self.log, exc_type, value, tb)
+
+    def access(self, environ) -> None:
+        _access(self.log, environ)
 
 
 class MeinheldWorker(_MeinheldWorker):
@@ -40,11 +68,16 @@ class MeinheldWorker(_MeinheldWorker):
     max_body_bytes = 0
     batching = None  # a GreenletScheduler (app/server/greenlets.py) when a model batches
 
+    def __init__(self, *args, **kwargs):
+        error, access = Logger.error, Logger.access
+        super().__init__(*args, **kwargs)
+        Logger.error, Logger.access = error, access
+        logs = MeinheldLogs(self.log)
+        server.set_error_logger(logs)
+        server.set_access_logger(None if self.cfg.accesslog is self.cfg.logconfig is None else logs)
+
     def run(self):
-        # meinheld reads a whole body before the app sees it. Bodies up to this
-        # cap reach the app, which answers a JSON 413 above max_body_bytes;
-        # bodies declared beyond it are refused by meinheld itself (HTML 413)
-        # without being read, so a client cannot make a worker buffer them.
+        # meinheld reads a whole body before the app sees it (HTTP_BODY_CAP).
         server.set_max_content_length(max(HTTP_BODY_CAP, 4 * self.max_body_bytes))
         self.taken_back = False
         if self.batching is not None:

@@ -1,0 +1,122 @@
+"""Request deadlines: how long a request may take, and what enforces it.
+
+The HTTP layer sets the deadline of the request being served (the server's
+server.request_timeout_ms, or less when the client asks with
+X-Request-Timeout); the runtimes read it. It is a context variable rather than
+a parameter because it belongs to the request and crosses every layer
+between the protocol and the model (routing, cache, batching) without any of
+them having a say in it; a thread that works for no request (shadow scoring)
+has none.
+
+What enforces it:
+- before a model runs, a deadline already passed is DeadlineExceeded (504);
+- ONNX Runtime runs are terminated through their RunOptions by a watchdog
+  thread of the process when they overrun, and large batches run in chunks
+  with the deadline checked between them;
+- a scikit-learn model runs on a helper thread of the process, waited for
+  until the deadline: it cannot be interrupted, but the request is answered in
+  bounded time and the worker goes on serving.
+"""
+from __future__ import annotations
+
+import contextvars
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Callable, NamedTuple, TypeVar
+
+from app.errors import DeadlineExceeded
+
+T = TypeVar("T")
+# How often the watchdog looks at the runs in progress: the most a run outlives its deadline by.
+WATCH_SECONDS = 0.02
+
+
+class Deadline(NamedTuple):
+    at: float       # time.monotonic() by which the answer is due
+    budget_ms: int  # what the request was given, for the message
+
+    def remaining(self) -> float:
+        return self.at - time.monotonic()
+
+    def check(self, what: str = "the request") -> None:
+        if time.monotonic() >= self.at:
+            raise exceeded(self, what)
+
+
+def exceeded(deadline: Deadline, what: str) -> DeadlineExceeded:
+    return DeadlineExceeded(f"{what} did not finish within its deadline of {deadline.budget_ms} ms",
+                            timeout_ms=deadline.budget_ms)
+
+
+_current: contextvars.ContextVar[Deadline | None] = contextvars.ContextVar("deadline", default=None)
+
+
+def current() -> Deadline | None:
+    """The deadline of the request this code works for, if any."""
+    return _current.get()
+
+
+def start(budget_ms: int) -> contextvars.Token:
+    """Give the current request budget_ms from now; reset(token) when it is answered."""
+    return _current.set(Deadline(time.monotonic() + budget_ms / 1000.0, budget_ms))
+
+
+def reset(token: contextvars.Token) -> None:
+    _current.reset(token)
+
+
+class Watchdog:
+    """Terminates ONNX Runtime runs that overrun their deadline (RunOptions.terminate).
+    One thread per process, started on first use after a fork."""
+
+    def __init__(self):
+        self.pid: int | None = None
+        self.running: dict[int, tuple] = {}  # id(run options) -> (run options, deadline)
+        self.lock = threading.Lock()
+
+    def arm(self, run_options, deadline: Deadline) -> None:
+        if self.pid != os.getpid():
+            self.pid = os.getpid()
+            self.running = {}
+            threading.Thread(target=self.loop, name="deadline-watchdog", daemon=True).start()
+        with self.lock:
+            self.running[id(run_options)] = (run_options, deadline)
+
+    def disarm(self, run_options) -> None:
+        with self.lock:
+            self.running.pop(id(run_options), None)
+
+    def loop(self) -> None:
+        while True:
+            time.sleep(WATCH_SECONDS)
+            now = time.monotonic()
+            with self.lock:
+                due = [options for options, deadline in self.running.values() if deadline.at <= now]
+            for options in due:
+                options.terminate = True
+
+
+class NativeRunner:
+    """Runs calls that cannot be interrupted (scikit-learn) on a helper thread
+    of the process and waits for them until the deadline."""
+
+    def __init__(self):
+        self.pid: int | None = None
+        self.pool: ThreadPoolExecutor | None = None
+
+    def call(self, fn: Callable[[], T], deadline: Deadline, what: str) -> T:
+        if self.pid != os.getpid():  # threads do not survive fork
+            self.pid, self.pool = os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="native-model")
+        future = self.pool.submit(fn)
+        try:
+            return future.result(timeout=max(0.0, deadline.remaining()))
+        except FutureTimeout:
+            future.cancel()  # not started yet: never runs; started: runs on, its answer unused
+            raise exceeded(deadline, what) from None
+
+
+watchdog = Watchdog()
+native = NativeRunner()
