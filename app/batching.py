@@ -16,6 +16,13 @@ on how the worker serves requests, so a Scheduler decides:
 - a threaded worker (gthread): ThreadScheduler, below;
 - one request at a time (tests in one thread, a sync worker): Immediate, the
   request's rows run at once on their own.
+
+Deadlines (app/deadlines.py) hold as without batching: a request whose
+deadline passes before its batch runs is answered 504 and its rows are left
+out of the call; the call runs under the latest deadline of the requests in
+it (no deadline if one of them has none), so ONNX Runtime terminates it only
+once none of them can use its answer any more; and a request whose deadline
+passed while the call ran is answered 504, not late.
 """
 from __future__ import annotations
 
@@ -28,7 +35,8 @@ from typing import Protocol
 
 import numpy as np
 
-from app.errors import ModelFailed
+from app import deadlines
+from app.errors import DeadlineExceeded, ModelFailed
 from app.runtimes import Outputs, Runtime
 
 log = logging.getLogger(__name__)
@@ -135,13 +143,14 @@ def timed(runtime: Runtime, X: np.ndarray) -> float:
 
 
 class Pending:
-    """One request's rows in a batch, and then its answer (outputs or error)."""
-    __slots__ = ("rows", "count", "queued", "outputs", "error", "waiter")
+    """One request's rows in a batch, its deadline (None: none), and then its answer (outputs or error)."""
+    __slots__ = ("rows", "count", "queued", "deadline", "outputs", "error", "waiter")
 
-    def __init__(self, rows: np.ndarray, queued: float):
+    def __init__(self, rows: np.ndarray, queued: float, deadline: deadlines.Deadline | None = None):
         self.rows = rows
         self.count = len(rows)
         self.queued = queued
+        self.deadline = deadline
         self.outputs: Outputs | None = None
         self.error: Exception | None = None
         self.waiter = None  # what the scheduler wakes
@@ -190,7 +199,7 @@ class Batcher:
 
     def run(self, model, policy: BatchPolicy, X: np.ndarray) -> Outputs:
         """The runtime's outputs for X (validated rows), computed in a batch with other requests' rows."""
-        pending = Pending(X, self.clock())
+        pending = Pending(X, self.clock(), deadlines.current())
         if pending.count >= policy.max_batch_size:
             Immediate().gather(self, model, policy, pending)  # already a batch of its own
         else:
@@ -248,16 +257,22 @@ class Batcher:
     # --- running ------------------------------------------------------------
 
     def execute(self, batch: Batch) -> None:
-        """Run the batch's rows in one call and answer every pending: its own rows, or the batch's error."""
-        pendings = batch.pendings
-        # NOTE: request deadlines (issue 14) belong here: a pending whose
-        # deadline has passed is answered 504 (and woken) and left out of X.
+        """Run the rows of the batch's requests still within their deadlines in one call and answer
+        every pending: its own rows, the batch's error, or 504 once its deadline has passed."""
+        pendings = [p for p in batch.pendings if not expire(p)]
+        if not pendings:
+            return
         X = pendings[0].rows if len(pendings) == 1 else np.concatenate([p.rows for p in pendings])
         started = self.clock()
         try:
-            out = batch.model.runtime.run(X)
+            out = deadlines.run_within(latest(pendings), batch.model.runtime.run, X)
             if len(out.labels) != len(X):
                 raise ValueError(f"the model answered {len(out.labels)} rows for {len(X)}")
+        except DeadlineExceeded as exc:
+            # Terminated at the latest deadline, so every request's has passed: each gets its own 504.
+            for pending in pendings:
+                if not expire(pending):
+                    pending.error = exc
         except Exception as exc:  # a runtime raises its own types; the batch fails, the worker goes on
             error = ModelFailed(f"{batch.model.name} v{batch.model.version} failed on a batch of {len(X)} rows "
                                 f"from {len(pendings)} requests: {type(exc).__name__}: {str(exc).strip()[:200]}")
@@ -268,12 +283,28 @@ class Batcher:
             start = 0
             for pending in pendings:
                 stop = start + pending.count
-                proba = out.probabilities[start:stop] if out.probabilities is not None else None
-                pending.outputs = Outputs(out.labels[start:stop], proba)
+                if not expire(pending):  # its deadline passed while the call ran: 504, not a late answer
+                    proba = out.probabilities[start:stop] if out.probabilities is not None else None
+                    pending.outputs = Outputs(out.labels[start:stop], proba)
                 start = stop
         if self.metrics is not None:
             self.metrics.batch_ran(batch.model.name, str(batch.model.version), len(X), self.clock() - started,
                                    [started - p.queued for p in pendings])
+
+
+def expire(pending: Pending) -> bool:
+    """Whether pending's deadline has passed; if so it is answered 504, as an unbatched run would be."""
+    if pending.deadline is None or pending.deadline.remaining() > 0:
+        return False
+    pending.error = deadlines.exceeded(pending.deadline, "the model run")
+    return True
+
+
+def latest(pendings: list[Pending]) -> deadlines.Deadline | None:
+    """The deadline a batch runs under: the latest of its requests' (None when one of them has none)."""
+    if any(p.deadline is None for p in pendings):
+        return None
+    return max((p.deadline for p in pendings), key=lambda d: d.at)
 
 
 class ThreadScheduler:

@@ -1,22 +1,26 @@
 """The batching core on its own: policies and their defaults, the gathering and
-splitting of rows, a failing model, the threaded scheduler with real threads,
-and the cost recorded when a version is published."""
+splitting of rows, a failing model, request deadlines, the threaded scheduler
+with real threads, and the cost recorded when a version is published."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from app import deadlines
 from app.batching import (BatchPolicy, Batcher, Pending, ThreadScheduler, check_options, default_of,
                           measure_cost, policy_of)
-from app.errors import ModelFailed
+from app.deadlines import Deadline
+from app.errors import DeadlineExceeded, ModelFailed
 from app.plan import read_plan
 from app.publishing import publish_estimator
 from app.repository import ModelRepository
 from app.runtimes import Outputs
 from app.settings import SettingError
+from tests.wait import until
 
 MLP_COST = {"row_ms": 12.4, "batch_ms": 16.5, "batch_rows": 8}
 FOREST_COST = {"row_ms": 0.01, "batch_ms": 0.02, "batch_rows": 8}
@@ -124,6 +128,94 @@ def test_a_model_error_fails_every_request_of_its_batch_and_nothing_else():
     assert all(isinstance(p.error, ModelFailed) for p in bad)
     assert "failed on a batch of 3 rows from 3 requests: RuntimeError: bad value" in bad[0].error.message
     assert batcher.run(model, policy, rows(3)).labels.tolist() == [3.0]
+
+
+def passed(budget_ms: int = 5) -> Deadline:
+    return Deadline(time.monotonic() - 1.0, budget_ms)
+
+
+def ahead(budget_ms: int = 60_000) -> Deadline:
+    return Deadline(time.monotonic() + budget_ms / 1000.0, budget_ms)
+
+
+def run_batch(model, *pendings: Pending) -> None:
+    batcher = Batcher()
+    for pending in pendings:
+        batcher.add(model, BatchPolicy(True, max_batch_size=64, max_wait_ms=1000), pending)
+    (batch,) = batcher.due(0.0, everything=True)
+    batcher.execute(batch)
+
+
+def assert_timed_out(pending: Pending, budget_ms: int) -> None:
+    assert pending.outputs is None and isinstance(pending.error, DeadlineExceeded)
+    assert (pending.error.status, pending.error.code, pending.error.details) == (504, "deadline_exceeded",
+                                                                                {"timeout_ms": budget_ms})
+    assert pending.error.message == f"the model run did not finish within its deadline of {budget_ms} ms"
+
+
+def test_a_request_whose_deadline_passed_in_the_queue_gets_504_and_its_rows_do_not_run():
+    model = Model()
+    first, late, last = Pending(rows(1), 0.0, ahead()), Pending(rows(2, 3), 0.0, passed(5)), Pending(rows(4), 0.0)
+    run_batch(model, first, late, last)
+    assert model.calls == [2]  # the late request's two rows were left out
+    assert (first.outputs.labels.tolist(), last.outputs.labels.tolist()) == ([1.0], [4.0])
+    assert last.outputs.probabilities.tolist() == [[4.0, -4.0]]
+    assert_timed_out(late, 5)
+    everyone_late = [Pending(rows(5), 0.0, passed(7)), Pending(rows(6), 0.0, passed(8))]
+    run_batch(model, *everyone_late)
+    assert model.calls == [2]  # nothing left to run: no call
+    assert_timed_out(everyone_late[0], 7)
+    assert_timed_out(everyone_late[1], 8)
+
+
+class DeadlineModel(Model):
+    """Notes the deadline each call runs under; with hold, a call lasts until
+    that deadline has passed, and with terminate it then fails as a terminated
+    ONNX Runtime run does."""
+
+    def __init__(self, hold: Deadline | None = None, terminate: bool = False):
+        super().__init__()
+        self.seen: list = []
+        self.hold, self.terminate = hold, terminate
+
+    def run(self, X):
+        current = deadlines.current()
+        self.seen.append(current)
+        if self.hold is not None:
+            until(lambda: self.hold.remaining() <= 0, timeout=30, interval=0.005, what="the deadline passes")
+        if self.terminate:
+            raise deadlines.exceeded(current, "the model run")
+        return super().run(X)
+
+
+def test_a_batch_runs_under_the_latest_deadline_of_its_requests():
+    early, later = ahead(30_000), ahead(60_000)
+    model = DeadlineModel()
+    run_batch(model, Pending(rows(1), 0.0, later), Pending(rows(2), 0.0, early))
+    run_batch(model, Pending(rows(3), 0.0, early), Pending(rows(4), 0.0))  # one without a deadline: none
+    assert model.seen == [later, None]
+    assert deadlines.current() is None  # the request's own context is left as it was
+
+
+def test_a_request_whose_deadline_passes_while_its_batch_runs_gets_504_not_a_late_answer():
+    short = ahead(20)
+    model = DeadlineModel(hold=short)
+    hurried, patient = Pending(rows(1), 0.0, short), Pending(rows(2), 0.0, ahead())
+    run_batch(model, hurried, patient)
+    assert_timed_out(hurried, 20)
+    assert patient.outputs.labels.tolist() == [2.0]
+
+
+def test_a_terminated_batch_answers_each_request_504_with_its_own_budget():
+    first, second = ahead(20), ahead(40)
+    model = DeadlineModel(hold=second, terminate=True)
+    pendings = [Pending(rows(1), 0.0, second), Pending(rows(2), 0.0, first)]
+    run_batch(model, *pendings)
+    assert_timed_out(pendings[0], 40)
+    assert_timed_out(pendings[1], 20)
+    failed = Pending(rows(3), 0.0, ahead())
+    run_batch(Model(fail_on=3.0), failed)
+    assert isinstance(failed.error, ModelFailed)  # a model error is still the model's
 
 
 def test_threads_gather_into_batches_and_get_their_own_answers():

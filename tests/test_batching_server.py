@@ -1,8 +1,9 @@
 """Batching on a real server: concurrent requests share a runtime call and each
 gets its own rows back, a bad row fails only its own request, a model error
 fails only its batch (the worker stays), cache hits never enter a batch, the
-batch metrics, what GET /api/v1/models/{name} says, and a swap under load
-where no batch mixes versions and no request fails."""
+batch metrics, what GET /api/v1/models/{name} says, request deadlines and API
+keys with rate limits on batched requests, and a swap under load where no
+batch mixes versions and no request fails."""
 from __future__ import annotations
 
 import threading
@@ -12,8 +13,9 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.keys import KeyFile
 from app.repository import ModelRepository
-from tests import batch_models
+from tests import batch_models, slow_model
 from tests.batch_models import POISON, row
 from tests.load import Load
 from tests.server import Server
@@ -38,14 +40,15 @@ def echo_server(tmp_path_factory, demo_models):
         yield running
 
 
-def post_all(url: str, bodies: list[dict], path: str = "/api/v1/predict") -> list[requests.Response]:
-    """Send every body at once, each on its own connection; the responses in the same order."""
+def post_all(url: str, bodies: list[dict], path: str = "/api/v1/predict",
+             headers: list[dict] | None = None) -> list[requests.Response]:
+    """Send every body at once (with its headers), each on its own connection; the responses in the same order."""
     answers: list = [None] * len(bodies)
     start = threading.Barrier(len(bodies))
 
     def send(i: int) -> None:
         start.wait()
-        answers[i] = requests.post(url + path, json=bodies[i], timeout=30)
+        answers[i] = requests.post(url + path, json=bodies[i], timeout=30, headers=headers[i] if headers else None)
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
     for t in threads:
@@ -55,10 +58,12 @@ def post_all(url: str, bodies: list[dict], path: str = "/api/v1/predict") -> lis
     return answers
 
 
-def batch_metrics(server: Server, model: str = "echo", version: str | None = None) -> dict[str, float]:
+def batch_metrics(server: Server, model: str = "echo", version: str | None = None,
+                  headers: dict | None = None) -> dict[str, float]:
     """Sums and counts of the model's batch histograms (of one version, or all)."""
     found: dict[str, float] = {}
-    for family in text_string_to_metric_families(requests.get(server.url + "/metrics", timeout=10).text):
+    text = requests.get(server.url + "/metrics", timeout=10, headers=headers).text
+    for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name.startswith("mlserve_batch_") and sample.labels.get("model") == model \
                     and version in (None, sample.labels.get("version")) and sample.name.endswith(("_sum", "_count")):
@@ -135,6 +140,69 @@ def test_the_models_endpoint_says_whether_and_why_a_model_batches(echo_server):
     iris = requests.get(echo_server.url + "/api/v1/models/iris_classifier", timeout=5).json()["batching"]
     assert (iris["enabled"], iris["set_by"]) == (False, "default")
     assert "under 1 ms" in iris["reason"] and 0 < iris["row_cost_ms"] < 1
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory, demo_models):
+    """One worker with API keys on, batching slow_model (it sleeps its first feature's
+    seconds once per call); the Authorization headers of a key "caller" and of a key
+    "limited" to one request a second."""
+    root = tmp_path_factory.mktemp("batching-keys")
+    models = root / "models"
+    models.mkdir()
+    slow_model.publish(models)
+    (models / "iris_classifier").symlink_to(demo_models / "iris_classifier")
+    config = root / "models.yaml"
+    config.write_text("models:\n  slow_model: {batching: {enabled: true, max_batch_size: 4, max_wait_ms: 1000}}\n"
+                      "  iris_classifier: {}\n")
+    keys = KeyFile(root / "keys.json")
+    caller, _ = keys.create("caller", ["predict", "read"])
+    limited, _ = keys.create("limited", ["predict"], ["slow_model"], rate=1)
+    env = {"MLSERVE_SECURITY_API_KEYS": "true", "MLSERVE_SECURITY_KEYS_FILE": str(keys.path)}
+    with Server(models, workers=1, models_config=config, env=env) as running:
+        yield running, {"caller": {"Authorization": f"Bearer {caller}"},
+                        "limited": {"Authorization": f"Bearer {limited}"}}
+
+
+def slow(sleep: float, value: float) -> dict:
+    return {"model_name": "slow_model", "features": [sleep, value], "use_cache": False}
+
+
+@pytest.mark.server
+def test_a_batched_request_past_its_deadline_is_answered_504_and_the_worker_serves_on(keyed_server):
+    server, keys = keyed_server
+    workers = server.worker_pids()
+    caller = keys["caller"]
+    # Each of these calls sleeps a second, however the two are batched: the request
+    # given 300 ms is answered 504 (its deadline passed in the queue, during its
+    # own run, or while a shared run went on for the other), the other gets its row.
+    patient, hurried = post_all(server.url, [slow(1.0, 1.0), slow(1.0, 2.0)],
+                                headers=[caller, {**caller, "X-Request-Timeout": "300"}])
+    assert patient.status_code == 200 and patient.json()["prediction"] == 1.0
+    assert hurried.status_code == 504 and hurried.headers["Content-Type"].startswith("application/json")
+    assert hurried.json()["error"] == {"timeout_ms": 300, "code": "deadline_exceeded",
+                                       "message": "the model run did not finish within its deadline of 300 ms"}
+    assert "Traceback" not in hurried.text
+    before = batch_metrics(server, "slow_model", headers=caller)
+    quick = requests.post(server.url + "/api/v1/predict", json=slow(0.0, 7.0), headers=caller, timeout=30)
+    assert quick.status_code == 200 and quick.json()["prediction"] == 7.0
+    assert grew(before, batch_metrics(server, "slow_model", headers=caller), "mlserve_batch_size_sum") == 1
+    iris = {"model_name": "iris_classifier", "features": [5.1, 3.5, 1.4, 0.2], "use_cache": False}
+    assert requests.post(server.url + "/api/v1/predict", json=iris, headers=caller, timeout=30).json()["prediction"] == 0
+    assert server.worker_pids() == workers
+
+
+@pytest.mark.server
+def test_batched_requests_need_a_key_and_keep_to_its_rate(keyed_server):
+    server, keys = keyed_server
+    missing = requests.post(server.url + "/api/v1/predict", json=slow(0.0, 1.0), timeout=30)
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "unauthorized"
+    # One request a second for this key: of four sent at once, the first is served, the rest refused.
+    answers = post_all(server.url, [slow(0.0, float(i)) for i in range(4)], headers=[keys["limited"]] * 4)
+    statuses = sorted(a.status_code for a in answers)
+    assert 200 in statuses and 429 in statuses, statuses
+    assert {a.json()["error"]["code"] for a in answers if a.status_code == 429} == {"rate_limited"}
+    assert all(a.json()["prediction"] == float(i) for i, a in enumerate(answers) if a.status_code == 200)
 
 
 @pytest.mark.server
