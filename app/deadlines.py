@@ -13,6 +13,9 @@ What enforces it:
 - ONNX Runtime runs are terminated through their RunOptions by a watchdog
   thread of the process when they overrun, and large batches run in chunks
   with the deadline checked between them;
+- a batched request (app/batching.py) whose deadline passes while it waits
+  for its batch is answered 504 and its rows left out; the batch runs under
+  the latest deadline of the requests in it;
 - a scikit-learn model runs on a helper thread of the process, waited for
   until the deadline: it cannot be interrupted, but the request is answered in
   bounded time and the worker goes on serving.
@@ -66,6 +69,16 @@ def start(budget_ms: int) -> contextvars.Token:
 
 def reset(token: contextvars.Token) -> None:
     _current.reset(token)
+
+
+def run_within(deadline: Deadline | None, fn: Callable[..., T], *args) -> T:
+    """fn(*args) with deadline as the current one (None: none): a batch runs for
+    several requests, in whichever request or loop happens to run it (app/batching.py)."""
+    token = _current.set(deadline)
+    try:
+        return fn(*args)
+    finally:
+        _current.reset(token)
 
 
 class Watchdog:

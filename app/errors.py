@@ -67,6 +67,11 @@ class RateLimited(ServingError):
     status, code = 429, "rate_limited"
 
 
+class ModelFailed(ServingError):
+    """The model raised on rows that passed validation (a batch fails together)."""
+    status, code = 500, "model_error"
+
+
 class InvalidModel(ServingError):
     """An artifact, or a model's files, that must not go live (bad checksum,
     fails to load or verify, an unreadable serving.json). Reloads catch it and

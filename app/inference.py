@@ -12,18 +12,20 @@ from __future__ import annotations
 import difflib
 import functools
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import orjson
 
 from app import features
+from app.batching import Batcher
 from app.cache import PredictionCache
 from app.clock import utc_now
 from app.errors import InvalidField, MissingField
 from app.loader import LoadedModel
 from app.predictions import PredictionLog
 from app.registry import ModelState, Registry
+from app.runtimes import Outputs
 from app.shadow import ShadowScorer
 
 CACHE_LEVELS = {None: b"false", "l1": b'"l1"', "l2": b'"l2"'}
@@ -42,8 +44,9 @@ class Scores(NamedTuple):
 class Predictor:
     def __init__(self, registry: Registry, max_batch_rows: int, cache: PredictionCache | None = None,
                  shadow: ShadowScorer | None = None, log: PredictionLog | None = None,
-                 allow_unknown_fields: bool = False):
+                 allow_unknown_fields: bool = False, batcher: Batcher | None = None):
         self.registry = registry
+        self.batcher = batcher or Batcher()
         self.max_batch_rows = max_batch_rows
         self.cache = cache
         self.shadow = shadow
@@ -60,6 +63,13 @@ class Predictor:
         if state.shadow is not None and self.shadow is not None and not pinned and state.shadow is not model:
             self.shadow.submit(model, state.shadow, X, labels)
 
+    def runner(self, state: ModelState, model: LoadedModel) -> Callable[[np.ndarray], Outputs]:
+        """How model runs rows: in a batch with other requests' rows when it batches (app/batching.py)."""
+        policy = state.batching.get(model) if state.batching else None
+        if policy is None:
+            return model.runtime.run
+        return functools.partial(self.batcher.run, model, policy)
+
     def caches(self, model: LoadedModel, use_cache: bool) -> bool:
         return use_cache and self.cache is not None and model.cacheable
 
@@ -70,10 +80,11 @@ class Predictor:
         recorded in the prediction log as request request_id to endpoint, with the rows as sent."""
         began = started if started is not None or self.log is None else time.perf_counter()
         levels = None
+        run = self.runner(state, model)
         if self.caches(model, use_cache):
-            scores, levels = self.through_cache(model, X)
+            scores, levels = self.through_cache(model, X, run)
         else:
-            out = model.runtime.run(X)
+            out = run(X)
             probabilities = out.probabilities.tolist() if out.probabilities is not None else None
             scores = Scores(out.labels.tolist(), probabilities, {"l1": 0, "l2": 0})
         if state.shadow is not None:
@@ -83,14 +94,15 @@ class Predictor:
                             (time.perf_counter() - began) * 1000.0)
         return scores
 
-    def through_cache(self, model: LoadedModel, X: np.ndarray) -> tuple[Scores, list]:
-        """Rows found in L1/L2 are reused; the rest run in one call and are written back together."""
+    def through_cache(self, model: LoadedModel, X: np.ndarray, run=None) -> tuple[Scores, list]:
+        """Rows found in L1/L2 are reused; the rest run in one call (run, else the model's runtime)
+        and are written back together."""
         keys = self.cache.keys(model, X)
         found = self.cache.get_many(model, keys)
         missing = [i for i, (_, value) in enumerate(found) if value is None]
         rows: list = [None] * len(X)
         if missing:
-            out = model.runtime.run(X[missing])
+            out = (run or model.runtime.run)(X[missing])
             labels = out.labels.tolist()
             probabilities = out.probabilities.tolist() if out.probabilities is not None else [None] * len(labels)
             fresh = [(keys[i], fragment(model, labels[j], probabilities[j])) for j, i in enumerate(missing)]
@@ -125,10 +137,10 @@ class Predictor:
             key = self.cache.key(model, row)
             level, scored = self.cache.get(model, key)
             if scored is None:
-                scored = score_row(model, row)
+                scored = score_row(model, row, self.runner(state, model) if state.batching else None)
                 self.cache.put(model, key, scored)
         else:
-            scored = score_row(model, row)
+            scored = score_row(model, row, self.runner(state, model) if state.batching else None)
         if state.shadow is not None:
             self.mirror(state, model, "version" in body, row, [orjson.loads(scored)["prediction"]])
         # PERF: one bytes format: the scored object (less its closing brace),
@@ -201,9 +213,10 @@ def v1_use_cache(body: dict) -> bool:
     return use_cache
 
 
-def score_row(model: LoadedModel, row: list) -> bytes:
-    """Run one row; the cacheable part of its prediction, as a JSON object."""
-    out = model.runtime.run(np.array((row,), dtype=np.float32))
+def score_row(model: LoadedModel, row: list, run: Callable[[np.ndarray], Outputs] | None = None) -> bytes:
+    """Run one row (with run, else the model's runtime); the cacheable part of its prediction, as a JSON object."""
+    X = np.array((row,), dtype=np.float32)
+    out = model.runtime.run(X) if run is None else run(X)
     probabilities = out.probabilities.tolist()[0] if out.probabilities is not None else None
     return fragment(model, out.labels.tolist()[0], probabilities)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from app.batching import check_options, measure_cost
 from app.conversion import Verdict, convert_and_verify
 from app.errors import InvalidModel
 from app.repository import ModelVersion
@@ -34,6 +35,7 @@ class LoadedModel:
     runtime: Runtime
     metadata: dict
     runtime_reason: str | None = None
+    cost: dict | None = None  # measured milliseconds of one row and of a few (app/batching.py)
     feature_index: dict[str, int] = field(init=False)
     class_keys: list[str] | None = field(init=False)
     cacheable: bool = field(init=False)
@@ -139,17 +141,29 @@ def assemble(mv: ModelVersion, task: str, runtime: Runtime, verdict: Verdict | N
     if classes is None and task == "classification":
         classes = meta.get("classes")
     reason = verdict.reason if verdict else meta.get("runtime_reason")
+    if meta.get("batching") is not None:
+        try:
+            check_options(meta["batching"])
+        except ValueError as exc:
+            raise InvalidModel(f"{mv}: metadata batching: {exc}") from None
     model = LoadedModel(mv.name, mv.version, task, list(names), classes, runtime, meta, reason)
     smoke_test(model)
+    # Recorded when published; a version published before that is measured here.
+    model.cost = meta.get("cost") or measure_cost(runtime, smoke_rows(model))
     return model
+
+
+def smoke_rows(model: LoadedModel) -> np.ndarray:
+    rows = model.metadata.get("reference_sample") or [[0.0] * model.n_features]
+    return np.asarray(rows[:8], dtype=np.float32)
 
 
 def smoke_test(model: LoadedModel) -> None:
     """One prediction on the reference sample (or zeros) before the model may serve."""
-    rows = model.metadata.get("reference_sample") or [[0.0] * model.n_features]
-    out = model.runtime.run(np.asarray(rows[:8], dtype=np.float32))
-    if len(out.labels) != min(len(rows), 8):
-        raise InvalidModel(f"{model.name} v{model.version}: model returned {len(out.labels)} labels for {min(len(rows), 8)} rows")
+    rows = smoke_rows(model)
+    out = model.runtime.run(rows)
+    if len(out.labels) != len(rows):
+        raise InvalidModel(f"{model.name} v{model.version}: model returned {len(out.labels)} labels for {len(rows)} rows")
 
 
 def require_task(mv: ModelVersion, task: Any) -> str:

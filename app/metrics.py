@@ -19,6 +19,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client import multiprocess
 
 BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BATCH_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
+QUEUE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 FLUSH_SECONDS = 1.0
 
 
@@ -66,6 +68,12 @@ class Metrics:
         self.alias_checks = Counter("mlserve_alias_checks", "Followed MLflow aliases that moved or could not be read, "
                                     "by model and result (promoted, refused, failed).", ["model", "result"],
                                     registry=self.registry)
+        self.batch_rows = Histogram("mlserve_batch_size", "Rows per batched runtime call (app/batching.py).",
+                                    ["model", "version"], buckets=BATCH_ROWS, registry=self.registry)
+        self.batch_wait = Histogram("mlserve_batch_queue_wait_seconds", "Time a request's rows waited for their "
+                                    "batch to run.", ["model", "version"], buckets=QUEUE_BUCKETS, registry=self.registry)
+        self.batch_run = Histogram("mlserve_batch_run_seconds", "Runtime time of one batched call.",
+                                   ["model", "version"], buckets=BUCKETS, registry=self.registry)
         self.lock = threading.Lock()
         # (model, version, endpoint, status) -> [count, seconds, per-bucket counts]
         self.pending: dict[tuple, list] = {}
@@ -89,6 +97,14 @@ class Metrics:
             key = (self.cache_lookups, (level, model, "hit" if hit else "miss"))
             with self.lock:
                 self.pending_counts[key] = self.pending_counts.get(key, 0) + n
+
+    def batch_ran(self, model: str, version: str, rows: int, seconds: float, waits: list[float]) -> None:
+        """One batched call of rows, run in seconds, for requests that waited waits seconds each."""
+        self.batch_rows.labels(model, version).observe(rows)
+        self.batch_run.labels(model, version).observe(seconds)
+        wait = self.batch_wait.labels(model, version)
+        for waited in waits:
+            wait.observe(waited)
 
     def observe_l2(self, seconds: float) -> None:
         self.l2_latency.observe(seconds)

@@ -19,7 +19,7 @@ from app.repository import ModelRepository, is_valid_name
 from app.routing import parse_weights
 from app.settings import SettingError
 
-OPTIONS = ("version", "split", "shadow", "follow")
+OPTIONS = ("version", "split", "shadow", "follow", "batching")
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class ModelPlan:
     split: dict[int, float] | None = None
     shadow: int | None = None
     follow: str | None = None  # models:/NAME@ALIAS this model tracks (app/alias_follower.py)
+    batching: dict | None = None  # enabled, max_batch_size, max_wait_ms (app/batching.py)
 
 
 @dataclass
@@ -139,7 +140,19 @@ def plan_of(path: Path, name, options) -> ModelPlan:
             split = parse_weights(options["split"])
         except ValueError as exc:
             raise SettingError(f"{path}: models.{name}.split: {exc}") from None
-    return ModelPlan(options.get("version"), split, options.get("shadow"), follow_of(path, name, options))
+    return ModelPlan(options.get("version"), split, options.get("shadow"), follow_of(path, name, options),
+                     batching_of(path, name, options))
+
+
+def batching_of(path: Path, name: str, options: dict) -> dict | None:
+    if options.get("batching") is None:
+        return None
+    from app.batching import check_options
+
+    try:
+        return check_options(options["batching"])
+    except ValueError as exc:
+        raise SettingError(f"{path}: models.{name}.batching: {exc}") from None
 
 
 def follow_of(path: Path, name: str, options: dict) -> str | None:

@@ -5,6 +5,7 @@ converted to ONNX, and the ONNX graph kept when it is verified equivalent.
 """
 from __future__ import annotations
 
+import functools
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -24,7 +25,7 @@ from app.runtimes import OnnxRuntime, SklearnRuntime, open_session, signature
 from app.skops_models import load_skops
 
 REFERENCE_ROWS = 64
-Check = Callable[[ModelVersion], None]
+Check = Callable[[ModelVersion], "dict | None"]  # may return metadata to add
 Progress = Callable[[str], None]  # told each slow step as it starts
 
 
@@ -81,7 +82,18 @@ def publish_estimator(repository: ModelRepository, name: str, estimator, X: np.n
             files["model.onnx"] = Path(tmp) / "model.onnx"
             files["model.onnx"].write_bytes(graph)
             metadata.update(onnx_artifact="model.onnx", onnx_sha256=sha256_of(files["model.onnx"]))
-        return repository.add_version(name, files, metadata, check=check, by=by, reason=reason)
+        return repository.add_version(name, files, metadata, by=by, reason=reason,
+                                      check=check or functools.partial(loads_and_costs, tolerance=tolerance))
+
+
+def loads_and_costs(staged: ModelVersion, tolerance: float) -> dict:
+    """The staged version loads and answers its reference sample, or ModelRefused; the
+    cost of a row measured as it loaded, recorded with the version (app/batching.py)."""
+    try:
+        model = load(staged, tolerance)
+    except InvalidModel as exc:
+        raise ModelRefused(f"refused: {exc}") from None
+    return {"cost": model.cost}
 
 
 def training_reference(name: str, estimator, task: str, classes, X: np.ndarray, feature_names: list[str],
@@ -210,19 +222,16 @@ class Publisher:
             path.write_bytes(graph)
             return self.publish(path, name, feature_names, task, classes, by, reason, sample=sample, extra=extra)
 
-    def check_staged(self, staged: ModelVersion) -> None:
-        """The staged version loads and answers its reference sample, or ModelRefused."""
-        try:
-            load(staged, self.tolerance)
-        except InvalidModel as exc:
-            raise ModelRefused(f"refused: {exc}") from None
+    def check_staged(self, staged: ModelVersion) -> dict:
+        """The staged version loads and answers its reference sample, or ModelRefused; its cost."""
+        return loads_and_costs(staged, self.tolerance)
 
-    def check_staged_onnx(self, staged: ModelVersion) -> None:
+    def check_staged_onnx(self, staged: ModelVersion) -> dict:
         """As check_staged, and ONNX Runtime serves it: the estimator itself is never loaded to serve."""
         if not (staged.metadata.get("conversion") or {}).get("verified"):
             reason = (staged.metadata.get("conversion") or {}).get("reason")
             raise ModelRefused(f"refused: the model must convert to a verified ONNX graph here ({reason})")
-        self.check_staged(staged)
+        return self.check_staged(staged)
 
     def current_metadata(self, name: str) -> dict | None:
         version = self.lifecycle.current(name)

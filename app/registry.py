@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+from app.batching import BatchPolicy, policy_of
 from app.errors import InvalidModel, ModelNotFound, ModelNotReady, VersionNotFound
 from app.features import width_change
 from app.loader import LoadedModel, load
@@ -33,6 +34,8 @@ class ModelState:
     route: Route | None = None            # a traffic split, when there is one
     shadow: LoadedModel | None = None     # mirrored off the response path
     failure: str | None = None            # why it is not serving (or why the last change was refused)
+    policies: dict[int, BatchPolicy] = field(default_factory=dict)  # per loaded version (app/batching.py)
+    batching: dict[LoadedModel, BatchPolicy] = field(default_factory=dict)  # the versions that batch
 
     def resolve(self, version: int | None = None, key: str | None = None) -> LoadedModel:
         """A pinned version, else the split's pick for the routing key, else the serving version."""
@@ -57,6 +60,8 @@ class ModelState:
             "shadow_version": self.shadow.version if self.shadow else None,
             "status": "serving" if serving else "not_ready",
             "reason": self.failure,
+            "batching": self.policies[serving.version].describe(serving.cost)
+            if serving and serving.version in self.policies else None,
         }
 
 
@@ -117,9 +122,10 @@ class Registry:
             if current is not None:  # the old version keeps serving
                 log.error("%s stays on v%s: %s", name, current.version, reason)
                 return name, "refused", reason
-            return self.refuse(ModelState(name, target, versions, failure=reason))  # still pinnable
+            return self.refuse(ModelState(name, target, versions, failure=reason,  # still pinnable
+                                          **batching_of(self.plan.get(name).batching, versions)))
         self.models[name] = ModelState(name, target, versions, new, route_of(target, versions),
-                                       shadow_of(target, versions))
+                                       shadow_of(target, versions), **batching_of(self.plan.get(name).batching, versions))
         if current is new:
             return name, "unchanged", f"v{new.version}"
         log.info("serving %s v%s on %s", name, new.version, new.runtime.name)
@@ -152,6 +158,12 @@ class Registry:
 
     def describe(self, name: str) -> dict:
         return self.state(name).describe()
+
+
+def batching_of(configured: dict | None, versions: dict[int, LoadedModel]) -> dict:
+    """ModelState's policies (every version) and batching (those that batch)."""
+    policies = {v: policy_of(configured, m.metadata, m.cost) for v, m in versions.items()}
+    return {"policies": policies, "batching": {versions[v]: p for v, p in policies.items() if p.enabled}}
 
 
 def route_of(target: Target, versions: dict) -> Route | None:

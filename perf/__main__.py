@@ -9,6 +9,7 @@
     python -m perf monitoring [...] the cost of the prediction log and drift on the request path
     python -m perf v2 [...]         the V2 protocol against v1 on the same work, in one run
     python -m perf nginx [...]      throughput through nginx against the instances directly
+    python -m perf batching [...]   adaptive batching: the big MLP batched and not, the wait curve, iris beside it
 
 `python -m perf SUBCOMMAND --help` lists each one's flags.
 """
@@ -23,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 COMMANDS = {"run": "perf.bench", "commits": "perf.commits", "memory": "perf.memory",
             "mlserver": "perf.mlserver", "soak": "perf.soak", "bigmodels": "perf.bigmodels",
-            "monitoring": "perf.monitoring", "v2": "perf.v2", "nginx": "perf.nginx"}
+            "monitoring": "perf.monitoring", "v2": "perf.v2", "nginx": "perf.nginx",
+            "batching": "perf.batching"}
 
 
 def main(argv: list[str]) -> int:

@@ -29,7 +29,7 @@ RUN = ("sh", "python")
 SHOWN = ("json", "text", "")
 # Fields whose values differ from run to run, or from worker to worker.
 VARIABLE = {"timestamp", "latency_ms", "total_latency_ms", "uptime_seconds", "created", "sha256", "from_cache",
-            "cache_hits"}
+            "cache_hits", "row_cost_ms", "batch_of_8_ms"}
 MASKS = [(re.compile(r"\d{4}-\d\d-\d\dT[\d:.]+Z"), "<time>"), (re.compile(r"pid \d+"), "pid <n>"),
          (re.compile(r"by [\w.-]+@[\w.-]+"), "by <user>")]
 # What a command prints when it made the server swap its workers: the next command waits for the new ones.

@@ -6,6 +6,7 @@ import time
 
 import falcon
 
+from app.batching import Batcher
 from app.cache import PredictionCache
 from app.control import ControlChannel
 from app.drift import DriftMonitor
@@ -60,7 +61,7 @@ def create_app(settings: Settings, registry: Registry, metrics: Metrics, started
                lifecycle: Lifecycle | None = None, reloads: ReloadTrigger | None = None,
                shadow: ShadowScorer | None = None, drain: Drain | None = None,
                predictions: PredictionLog | None = None, drift: DriftMonitor | None = None,
-               keys: KeyStore | None = None) -> falcon.App:
+               keys: KeyStore | None = None, batcher: Batcher | None = None) -> falcon.App:
     """The WSGI app over the given parts; builds nothing but the app itself.
     keys: the API keys every scoped call must present (None: keys are off)."""
     middleware: list = [RequestTrace(predictions), RequestMetrics(metrics, drain or Drain()),
@@ -77,7 +78,7 @@ def create_app(settings: Settings, registry: Registry, metrics: Metrics, started
     app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     predictor = Predictor(registry, settings.server.max_batch_rows, cache, shadow, predictions,
-                          settings.server.allow_unknown_fields)
+                          settings.server.allow_unknown_fields, batcher)
     control = control or ControlChannel("")
     limit = settings.server.max_body_bytes
     app.add_route("/api/v1/predict", resources.Predict(predictor, limit))

@@ -125,7 +125,24 @@ def post_worker_init(worker) -> None:
     running = service()
     worker.drain = running.drain
     worker.max_body_bytes = running.settings.server.max_body_bytes
+    use_batching(worker, running)
     running.on_worker_start()
+
+
+def use_batching(worker, running) -> None:
+    """Give the batcher the scheduler this worker can gather requests with (app/batching.py).
+    Without a batching model nothing changes on the request path."""
+    if not any(state.batching for state in running.registry.models.values()):
+        return
+    if hasattr(worker, "batching"):  # the meinheld worker: requests are greenlets of one loop
+        from app.server.greenlets import GreenletScheduler
+
+        worker.batching = GreenletScheduler(running.batcher, running.drain, [s.fileno() for s in worker.sockets])
+        running.batcher.scheduler = worker.batching
+    elif worker.cfg.threads > 1:  # gthread
+        from app.batching import ThreadScheduler
+
+        running.batcher.scheduler = ThreadScheduler()
 
 
 def worker_exit(server, worker) -> None:

@@ -19,6 +19,7 @@ from typing import Callable
 import falcon
 import pybreaker
 
+from app.batching import Batcher
 from app.cache import LRU, BreakerMetrics, Generations, PredictionCache, RedisStore
 from app.control import ControlChannel
 from app.drift import DriftMonitor, Thresholds
@@ -52,6 +53,7 @@ class Service:
     predictions: PredictionLog
     drift: DriftMonitor | None
     follower: FollowerProcess = field(default_factory=FollowerProcess)
+    batcher: Batcher = field(default_factory=Batcher)
 
     def reload(self) -> None:
         """In the master, on SIGHUP: apply repository and config changes before
@@ -98,12 +100,16 @@ def build_service(settings: Settings, signal_master: Callable[[], None], runtime
     if keys is not None:
         control.on("keys", lambda message: keys.refresh(force=True))
     drain = Drain()
+    # Each worker gives it the scheduler its worker class can batch with (app/server/hooks.py).
+    batcher = Batcher(metrics)
     app = create_app(settings, registry, metrics, started, cache=cache, control=control,
                      lifecycle=Lifecycle(repository, settings.models.verify_tolerance, plan), reloads=reloads,
-                     shadow=ShadowScorer(metrics), drain=drain, predictions=predictions, drift=drift, keys=keys)
+                     shadow=ShadowScorer(metrics), drain=drain, predictions=predictions, drift=drift, keys=keys,
+                     batcher=batcher)
     log.info("loaded %d of %d models in %.2f s", len(registry.serving()), len(registry.models),
              time.time() - started)
-    return Service(settings, registry, metrics, cache, control, reloads, drain, app, predictions, drift)
+    return Service(settings, registry, metrics, cache, control, reloads, drain, app, predictions, drift,
+                   batcher=batcher)
 
 
 def build_keys(settings: Settings) -> KeyStore | None:

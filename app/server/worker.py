@@ -66,6 +66,7 @@ class MeinheldWorker(_MeinheldWorker):
     # Set by the post_worker_init hook (app/server/hooks.py) before run().
     drain = None
     max_body_bytes = 0
+    batching = None  # a GreenletScheduler (app/server/greenlets.py) when a model batches
 
     def __init__(self, *args, **kwargs):
         error, access = Logger.error, Logger.access
@@ -79,6 +80,8 @@ class MeinheldWorker(_MeinheldWorker):
         # meinheld reads a whole body before the app sees it (HTTP_BODY_CAP).
         server.set_max_content_length(max(HTTP_BODY_CAP, 4 * self.max_body_bytes))
         self.taken_back = False
+        if self.batching is not None:
+            self.wsgi = self.batching.wrap(self.wsgi)
         server.schedule_call(0, self.tick)
         super().run()
 
