@@ -8,6 +8,7 @@
     python -m perf bigmodels [...]  build the large models the memory benchmark serves
     python -m perf monitoring [...] the cost of the prediction log and drift on the request path
     python -m perf v2 [...]         the V2 protocol against v1 on the same work, in one run
+    python -m perf ratelimit [...]  accepted req/s under a 100 req/s limit shared by 2 hosts x 2 workers
 
 `python -m perf SUBCOMMAND --help` lists each one's flags.
 """
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 COMMANDS = {"run": "perf.bench", "commits": "perf.commits", "memory": "perf.memory",
             "mlserver": "perf.mlserver", "soak": "perf.soak", "bigmodels": "perf.bigmodels",
-            "monitoring": "perf.monitoring", "v2": "perf.v2"}
+            "monitoring": "perf.monitoring", "v2": "perf.v2", "ratelimit": "perf.ratelimit"}
 
 
 def main(argv: list[str]) -> int:
