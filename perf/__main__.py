@@ -10,6 +10,7 @@
     python -m perf v2 [...]         the V2 protocol against v1 on the same work, in one run
     python -m perf nginx [...]      throughput through nginx against the instances directly
     python -m perf batching [...]   adaptive batching: the big MLP batched and not, the wait curve, iris beside it
+    python -m perf ratelimit [...]  accepted req/s under a 100 req/s limit shared by 2 hosts x 2 workers
 
 `python -m perf SUBCOMMAND --help` lists each one's flags.
 """
@@ -25,7 +26,7 @@ VENV = ROOT / ".venv"
 COMMANDS = {"run": "perf.bench", "commits": "perf.commits", "memory": "perf.memory",
             "mlserver": "perf.mlserver", "soak": "perf.soak", "bigmodels": "perf.bigmodels",
             "monitoring": "perf.monitoring", "v2": "perf.v2", "nginx": "perf.nginx",
-            "batching": "perf.batching"}
+            "batching": "perf.batching", "ratelimit": "perf.ratelimit"}
 
 
 def main(argv: list[str]) -> int:

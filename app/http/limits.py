@@ -38,7 +38,8 @@ class RequestLimits:
     def budget_ms(self, asked: str | None) -> int:
         if asked is None:
             return self.server_ms
-        if not asked.strip().isdigit() or int(asked) < 1:
+        # NOTE: isdigit() is also true of digits int() refuses (superscripts such as "²").
+        if not (asked.strip().isascii() and asked.strip().isdigit()) or int(asked) < 1:
             raise InvalidHeader(f"{HEADER} must be a whole number of milliseconds >= 1, got {asked[:40]!r}")
         return min(int(asked), self.server_ms) if self.server_ms else int(asked)
 

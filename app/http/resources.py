@@ -43,7 +43,11 @@ def lenient_json(raw: bytes, strict_error: Exception):
     """NaN and Infinity are not JSON, but a client that sends them has a bad
     feature value, not a broken body: parse them so validation can say 422."""
     try:
-        return json.loads(raw.decode("utf-8"))  # strict: no lone surrogates
+        body = json.loads(raw.decode("utf-8"))
+        # NOTE: json.loads lets escaped lone surrogates ("\ud800") through; no
+        # answer or log line could hold them, so they are refused here.
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+        return body
     except (ValueError, RecursionError):
         if not raw.strip():
             raise InvalidJSON("the request body is empty; expected a JSON object") from None
