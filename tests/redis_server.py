@@ -46,3 +46,4 @@ class RedisServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -54,8 +54,11 @@ class RateLimit:
             storage = storage_from_string(redis_url, socket_timeout=redis_timeout,
                                           socket_connect_timeout=redis_timeout)
             self.shared = MovingWindowRateLimiter(storage)
-        # One failure opens it: a request must not wait on a sick Redis twice.
-        self.breaker = pybreaker.CircuitBreaker(fail_max=1, reset_timeout=breaker_reset, listeners=[BreakerLog()])
+        # Three failures in a row open it: a worker's first call connects and
+        # loads the moving window's script, which can overrun the socket
+        # timeout on a busy machine without Redis being sick, and an open
+        # breaker lets the worker count alone (up to twice the rate) meanwhile.
+        self.breaker = pybreaker.CircuitBreaker(fail_max=3, reset_timeout=breaker_reset, listeners=[BreakerLog()])
         self.items: dict[int, RateLimitItem] = {}
 
     def process_resource(self, req: falcon.Request, resp: falcon.Response, resource, params) -> None:
