@@ -23,6 +23,7 @@ What enforces it:
 from __future__ import annotations
 
 import contextvars
+import math
 import os
 import threading
 import time
@@ -33,7 +34,7 @@ from typing import Callable, NamedTuple, TypeVar
 from app.errors import DeadlineExceeded
 
 T = TypeVar("T")
-# How often the watchdog looks at the runs in progress: the most a run outlives its deadline by.
+# The least the watchdog sleeps between looks at the runs in progress.
 WATCH_SECONDS = 0.02
 
 
@@ -83,20 +84,25 @@ def run_within(deadline: Deadline | None, fn: Callable[..., T], *args) -> T:
 
 class Watchdog:
     """Terminates ONNX Runtime runs that overrun their deadline (RunOptions.terminate).
-    One thread per process, started on first use after a fork."""
+    One thread per process, started on first use after a fork; it sleeps until
+    the earliest deadline of the runs in progress, so an idle worker never wakes."""
 
     def __init__(self):
         self.pid: int | None = None
         self.running: dict[int, tuple] = {}  # id(run options) -> (run options, deadline)
         self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.next_check = math.inf
 
     def arm(self, run_options, deadline: Deadline) -> None:
         if self.pid != os.getpid():
             self.pid = os.getpid()
-            self.running = {}
+            self.running, self.wake, self.next_check = {}, threading.Event(), math.inf
             threading.Thread(target=self.loop, name="deadline-watchdog", daemon=True).start()
         with self.lock:
             self.running[id(run_options)] = (run_options, deadline)
+            if deadline.at < self.next_check:
+                self.wake.set()
 
     def disarm(self, run_options) -> None:
         with self.lock:
@@ -104,12 +110,15 @@ class Watchdog:
 
     def loop(self) -> None:
         while True:
-            time.sleep(WATCH_SECONDS)
             now = time.monotonic()
             with self.lock:
                 due = [options for options, deadline in self.running.values() if deadline.at <= now]
+                self.next_check = min((d.at for _, d in self.running.values() if d.at > now), default=math.inf)
+                wait = None if self.next_check == math.inf else max(WATCH_SECONDS, self.next_check - now)
             for options in due:
                 options.terminate = True
+            self.wake.wait(wait)
+            self.wake.clear()
 
 
 class NativeRunner:

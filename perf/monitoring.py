@@ -2,12 +2,13 @@
 
     python -m perf monitoring --runs 3 --duration 10
 
-The same server (2 meinheld workers, the demo models) in four configurations,
+The same server (2 meinheld workers, the demo models) in five configurations,
 all started first and measured round-robin, so a disturbance from elsewhere
 spreads over all of them:
 
     off     no prediction log, no drift (the reference)
     file    the JSON Lines file sink, every prediction recorded
+    file10  the same sink recording a sample of 10 % (prediction_log.sample_rate)
     redis   the Redis stream sink (a private redis-server), every prediction
             recorded; the Redis cache level is off so that only the stream differs
     drift   drift counting on, no sink
@@ -31,7 +32,7 @@ from perf.targets import Config, Server
 from tests.redis_server import RedisServer
 from tests.server import ROOT
 
-CONFIGS = ("off", "file", "redis", "drift")
+CONFIGS = ("off", "file", "file10", "redis", "drift")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -50,9 +51,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def settings(name: str, scratch: Path, redis_url: str) -> dict:
     """The MLSERVE_* settings of one configuration."""
-    if name == "file":
-        return {"MLSERVE_PREDICTION_LOG_FILE": str(scratch / "predictions.jsonl"),
-                "MLSERVE_PREDICTION_LOG_FILE_MAX_BYTES": str(256 << 20)}
+    if name in ("file", "file10"):
+        return {"MLSERVE_PREDICTION_LOG_FILE": str(scratch / f"{name}.jsonl"),
+                "MLSERVE_PREDICTION_LOG_FILE_MAX_BYTES": str(256 << 20),
+                "MLSERVE_PREDICTION_LOG_SAMPLE_RATE": "1.0" if name == "file" else "0.1"}
     if name == "redis":
         return {"MLSERVE_REDIS_URL": redis_url, "MLSERVE_CACHE_L2_ENABLED": "false",
                 "MLSERVE_PREDICTION_LOG_REDIS_STREAM": "mlserve:predictions",
