@@ -55,8 +55,22 @@ def wrk_version() -> str:
     return (done.stdout + done.stderr).splitlines()[0].split(" Copyright")[0].strip()
 
 
+def settle(target: Server, timeout: float = 10.0) -> None:
+    """Wait until the server is idle. A run that starts while a worker still
+    finishes the last run's slow requests finds that worker busy, and the idle
+    one accepts every connection: a run on one core of two."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = machine.Sample.take(target.pids())
+        time.sleep(0.1)
+        used, _ = machine.Sample.take(target.pids()).cpu_since(before)
+        if sum(used.values()) < 0.01:
+            return
+
+
 def run(target: Server, scenario: Scenario, connections: int, duration: int, body: Path | None) -> dict:
     cmd = wrk_command(scenario.script, target.url + scenario.path, connections, duration, body)
+    settle(target)
     counting = target.name == "mlserve" and scenario.cached
     lookups_before = cache_lookups(target) if counting else None
     load_before = machine.loadavg()
