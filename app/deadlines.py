@@ -100,12 +100,14 @@ class Watchdog:
         self.wake = threading.Event()
         self.next_check = math.inf
         self.shortest = math.inf
+        self.thread: threading.Thread | None = None
 
     def arm(self, run_options, deadline: Deadline) -> None:
         if self.pid != os.getpid():
             self.pid = os.getpid()
             self.running, self.wake, self.next_check = {}, threading.Event(), math.inf
-            threading.Thread(target=self.loop, name="deadline-watchdog", daemon=True).start()
+            self.thread = threading.Thread(target=self.loop, name="deadline-watchdog", daemon=True)
+            self.thread.start()
         with self.lock:
             self.running[id(run_options)] = (run_options, deadline)
             budget = deadline.budget_ms / 1000.0
@@ -119,6 +121,9 @@ class Watchdog:
         with self.lock:
             self.running.pop(id(run_options), None)
 
+    def thread_alive(self) -> bool:
+        return self.pid == os.getpid() and self.thread.is_alive()
+
     def loop(self) -> None:
         while True:
             now = time.monotonic()
@@ -126,7 +131,8 @@ class Watchdog:
                 due = [options for options, deadline in self.running.values() if deadline.at <= now]
                 self.next_check = min((d.at for _, d in self.running.values() if d.at > now),
                                       default=now + self.shortest)
-                wait = max(WATCH_SECONDS, self.next_check - now)
+                # inf: nothing armed yet (Event.wait takes no infinite timeout, only None)
+                wait = None if self.next_check == math.inf else max(WATCH_SECONDS, self.next_check - now)
                 self.wake.clear()
             for options in due:
                 options.terminate = True

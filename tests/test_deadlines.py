@@ -13,6 +13,7 @@ from app.errors import DeadlineExceeded
 from app.runtimes import OnnxRuntime
 from tests import slow_model
 from tests.server import Server
+from tests.wait import until
 
 IRIS = {"model_name": "iris_classifier", "features": [5.1, 3.5, 1.4, 0.2], "use_cache": False}
 
@@ -112,3 +113,22 @@ def test_a_bad_timeout_header_is_a_400(slow_server, value):
     r = requests.post(slow_server.url + "/api/v1/predict", json=IRIS, headers={"X-Request-Timeout": value}, timeout=10)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_header"
     assert "X-Request-Timeout must be a whole number of milliseconds" in r.json()["error"]["message"]
+
+
+def test_the_watchdog_terminates_runs_that_overrun_and_leaves_the_others():
+    from types import SimpleNamespace
+
+    from app.deadlines import Deadline, Watchdog
+
+    dog = Watchdog()
+    first = SimpleNamespace(terminate=False)  # the first run it sees starts its thread
+    dog.arm(first, Deadline(time.monotonic() + 0.05, 50))
+    until(lambda: first.terminate, timeout=10, what="the first overrunning run terminated")
+    dog.disarm(first)
+    quick = SimpleNamespace(terminate=False)
+    dog.arm(quick, Deadline(time.monotonic() + 60, 60_000))
+    dog.disarm(quick)  # finished in time
+    shorter = SimpleNamespace(terminate=False)  # a shorter budget than any before wakes it early
+    dog.arm(shorter, Deadline(time.monotonic() + 0.03, 30))
+    until(lambda: shorter.terminate, timeout=10, what="a run with a shorter budget terminated")
+    assert dog.thread_alive() and not quick.terminate

@@ -170,8 +170,9 @@ def test_the_offline_report_gives_the_servers_figures_for_the_same_rows():
     assert offline["prediction"]["psi"] == pytest.approx(online["prediction"]["psi"])
 
 
-def count_in_child(monitor: DriftMonitor, model, rows: np.ndarray, labels: list) -> None:
+def count_in_child(monitor: DriftMonitor, model, rows: np.ndarray, labels: list, together) -> None:
     monitor.count(model, rows, labels)
+    together.wait(30)  # both alive, as two workers are: neither can take the other's lane
     os._exit(0)
 
 
@@ -183,7 +184,9 @@ def test_counts_from_forked_workers_are_summed_into_one_value_per_host():
     monitor.prepare([model])  # in the "master", before forking
     context = multiprocessing.get_context("fork")
     halves = [(X[:75], y[:75]), (X[75:], y[75:])]
-    children = [context.Process(target=count_in_child, args=(monitor, model, part.astype(np.float32), labels.tolist()))
+    together = context.Barrier(2)
+    children = [context.Process(target=count_in_child,
+                                args=(monitor, model, part.astype(np.float32), labels.tolist(), together))
                 for part, labels in halves]
     for child in children:
         child.start()
