@@ -103,6 +103,8 @@ def test_in_distribution_rows_stay_ok_and_a_shifted_feature_fires_the_drift_aler
     shifted = rows.copy()
     shifted[:, 2] *= 1.5
     send(server, shifted, "shifted")
+    # The writer counts drift before it logs: once every row is in the log, the window is all shifted rows.
+    until(lambda: log.exists() and sum(1 for _ in open(log)) >= 10_000, 30, what="every row counted and logged")
     found = until(lambda: (d := drift(server))["features"][2]["status"] == "drift" and d, 30,
                   what="petal_length drifts")
     psis = {f["feature"]: f["psi"] for f in found["features"]}
