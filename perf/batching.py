@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 import orjson
@@ -257,8 +256,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    out = (args.out or ROOT / "perf" / "results" / f"batching-{stamp}").resolve()
+    stamp, out = report.destination(args.out, "batching")
     os.chdir(ROOT)
     out.mkdir(parents=True, exist_ok=True)
     models = repository(out)

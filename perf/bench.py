@@ -176,8 +176,7 @@ def estimate_seconds(args: argparse.Namespace, plan: Plan) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    out = (args.out or ROOT / "perf" / "results" / stamp).resolve()
+    stamp, out = report.destination(args.out, "")
     os.chdir(ROOT)
     names = args.scenario or list(SCENARIOS)
     plan = Plan([SCENARIOS[n] for n in dict.fromkeys(names)], sorted(set(args.connections)), args.duration,

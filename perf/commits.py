@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
-from perf import measure, scenarios
+from perf import measure, report, scenarios
 from perf.report import num, table
 from perf.scenarios import SCENARIOS
 from perf.targets import Config, Server
@@ -52,8 +51,7 @@ def checkout(commit: str, into: Path) -> tuple[str, Path]:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     names = args.scenario or ["predict_uncached", "predict_cached"]
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    out = (args.out or ROOT / "perf" / "results" / f"commits-{stamp}").resolve()
+    stamp, out = report.destination(args.out, "commits")
     bodies = scenarios.write_bodies(out / "bodies")
     runs: dict[tuple[str, str], list[dict]] = {}
     servers: dict[str, Server] = {}

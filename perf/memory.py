@@ -384,8 +384,7 @@ def artifact_sizes(version_dir: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    out = (args.out or ROOT / "perf" / "results" / f"memory-{stamp}").resolve()
+    stamp, out = report.destination(args.out, "memory")
     names = [MODELS[m] for m in args.models]
     models_dir = args.models_dir.resolve()
     built = bigmodels.ensure(models_dir, tuple(names))

@@ -449,8 +449,7 @@ def render(meta: dict, ours: dict, theirs: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    out = (args.out or ROOT / "perf" / "results" / f"mlserver-{stamp}").resolve()
+    stamp, out = report.destination(args.out, "mlserver")
     os.chdir(ROOT)
     versions = ensure_venv()
     model = served_model()

@@ -22,15 +22,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import tempfile
-import time
 from pathlib import Path
 
-from perf import measure
+from perf import measure, report
 from perf.report import num, ratio, table
 from perf.scenarios import SCENARIOS
 from perf.targets import Config, Server
 from tests.redis_server import RedisServer
-from tests.server import ROOT
 
 CONFIGS = ("off", "file", "file10", "redis", "drift")
 
@@ -83,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if "off" not in names:
         names.insert(0, "off")
     chosen = args.scenario or ["predict_uncached", "predict_cached"]
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    out = (args.out or ROOT / "perf" / "results" / f"monitoring-{stamp}").resolve()
+    stamp, out = report.destination(args.out, "monitoring")
     runs: dict[tuple[str, str], list[dict]] = {}
     servers: dict[str, Server] = {}
     with tempfile.TemporaryDirectory(prefix="mlserve-monitoring-") as scratch, contextlib.ExitStack() as stack:

@@ -41,7 +41,6 @@ import shutil
 import statistics
 import subprocess
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -226,8 +225,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    out = (args.out or ROOT / "perf" / "results" / f"ratelimit-{stamp}").resolve()
+    stamp, out = report.destination(args.out, "ratelimit")
     os.chdir(ROOT)
     modes = list(dict.fromkeys(args.mode or MODES))
     meta = {"stamp": stamp, "host": machine.describe(), "limit": args.limit, "rate": args.rate,

@@ -1,7 +1,12 @@
 """results.md: the figures as markdown tables, with what they were measured on."""
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 from perf import measure
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 COLUMNS = ("scenario", "conns", "req/s", "min-max", "rows/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms",
            "errors", "CPU ms/req", "server cores", "per worker", "wrk cores", "other cores", "PSS MB",
@@ -133,3 +138,9 @@ def light_load(config: dict) -> list[str]:
             "wrk 4 cannot fix the request rate: light load is 1 and 8 connections, and 32 connections that "
             "pause 0-8 ms before each request (predict_paced), beside the 32-connection maximum.", ""] + table(
         ("conns", "req/s", "of c32 req/s", "p50 ms", "p99 ms", "p99/p50"), rows) + [""]
+
+
+def destination(given: Path | None, name: str) -> tuple[str, Path]:
+    """(the run's UTC stamp, where its results go): given, else perf/results/<name>-<stamp>/."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return stamp, (given or RESULTS / (f"{name}-{stamp}" if name else stamp)).resolve()

@@ -35,7 +35,7 @@ from pathlib import Path
 import requests
 
 from app import settings as settings_module
-from perf import machine, measure, scenarios
+from perf import machine, measure, report, scenarios
 from perf.commits import checkout
 from perf.report import table
 from perf.targets import MODELS, Config, Server
@@ -196,8 +196,7 @@ def render(meta: dict, run: dict, checks: list) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    out = (args.out or ROOT / "perf" / "results" / f"soak-{stamp}").resolve()
+    stamp, out = report.destination(args.out, "soak")
     env = dict(item.split("=", 1) for item in args.env)
     limit_mb = l1_max_bytes(env) / 2**20
     with tempfile.TemporaryDirectory(prefix="mlserve-soak-") as scratch, RedisServer() as redis:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -150,8 +149,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    out = (args.out or ROOT / "perf" / "results" / f"v2-{stamp}").resolve()
+    stamp, out = report.destination(args.out, "v2")
     os.chdir(ROOT)
     names = list(dict.fromkeys(args.compare or COMPARISONS))
     meta = {"stamp": stamp, "host": machine.describe(), "duration": args.duration, "runs": args.runs,
