@@ -141,11 +141,11 @@ class ModelRepository:
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-            try:
-                self.record_publish(name, version, by, reason)
-            except BaseException:
-                shutil.rmtree(folder / str(version), ignore_errors=True)  # a version without its history entry
-                raise
+        try:
+            self.record_publish(name, version, by, reason)  # record() names a full disk itself
+        except BaseException:
+            shutil.rmtree(folder / str(version), ignore_errors=True)  # a version without its history entry
+            raise
         return self.get(name, version)
 
     def commit(self, folder: Path, staging: Path, metadata: dict) -> int:
